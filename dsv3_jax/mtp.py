@@ -1,0 +1,45 @@
+"""Multi-Token Prediction modules (V3 report §2.2, eq. 21-25).
+
+Module k (k = 1..D) predicts token t_{i+k+1} at position i from two inputs: the previous depth's
+hidden state h^{k-1}_i (h^0 is the main model's) and the embedding of token t_{i+k}:
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])      # [D] <- [2D]
+    h^k_i = Block_k(h'_i),   logits = Head(norm_k(h^k_i))
+
+The embedding and the output head are the main model's own (shared, as in the paper); each
+module has its own final norm (`shared_head.norm` in the checkpoint). The concatenation puts the
+embedding first: that is the order of the released `eh_proj` weights (vLLM and HF's MTP loader
+agree), even though eq. 21 writes the hidden state first.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.block import Block
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, RMSNorm
+
+
+class MTPModule(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.enorm = RMSNorm(cfg.dim, "embed", **norm)
+        self.hnorm = RMSNorm(cfg.dim, "embed", **norm)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, ("embed", "embed_cat"), std=cfg.init_std,
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
+        self.norm = RMSNorm(cfg.dim, "embed", **norm)
+
+    def __call__(self, h_prev, emb_next, cos, sin, mask) -> tuple[jax.Array, dict]:
+        """h_prev, emb_next [B,S,D] -> h [B,S,D] (before `norm`), MoE stats of the block."""
+        x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
+        return self.block(x, cos, sin, mask)
+
+
+def shift_tokens(tokens: jax.Array, k: int, fill: int = 0) -> jax.Array:
+    """tokens [B,S] -> tokens[:, i+k] at position i; the last k positions get `fill` (masked in the loss)."""
+    pad = jnp.full((tokens.shape[0], k), fill, tokens.dtype)
+    return jnp.concatenate([tokens[:, k:], pad], axis=1)
