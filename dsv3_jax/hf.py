@@ -85,21 +85,18 @@ def _layer_offset(path: tuple, cfg: ModelConfig) -> int:
 
 # ---- reading ----------------------------------------------------------------------------------
 class SafetensorsDir:
-    """Lazy access to the tensors of one HF directory (single file or index + shards)."""
+    """Lazy access to the tensors of one HF directory: model.safetensors, or an index + shards."""
 
     def __init__(self, path: str):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            with safe_open(os.path.join(path, "model.safetensors"), "numpy") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors file and no model.safetensors.index.json")
-            weight_map = {}
-            for fname in files:
-                with safe_open(os.path.join(path, fname), "numpy") as f:
-                    weight_map.update({k: fname for k in f.keys()})
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
         self.path, self.weight_map = path, weight_map
 
     def keys(self) -> set[str]:

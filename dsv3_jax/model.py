@@ -86,6 +86,7 @@ class Transformer(nnx.Module):
         mtp_logits = None
         if with_mtp and len(self.mtp):
             outs = []
+            h = self.norm(h)  # depth 1 reads the main model's normalised output (as HF and vLLM do)
             for k, module in enumerate(self.mtp, start=1):
                 h, st = module(h, self.embed(shift_tokens(tokens, k)), cos, sin, mask)
                 outs.append(self.project(h, module.norm))

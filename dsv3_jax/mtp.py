@@ -1,7 +1,8 @@
 """Multi-Token Prediction modules (V3 report §2.2, eq. 21-25).
 
 Module k (k = 1..D) predicts token t_{i+k+1} at position i from two inputs: the previous depth's
-hidden state h^{k-1}_i (h^0 is the main model's) and the embedding of token t_{i+k}:
+hidden state h^{k-1}_i (h^0 is the main model's output after its final norm; deeper modules get
+the previous block's output) and the embedding of token t_{i+k}:
 
     h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])      # [D] <- [2D]
     h^k_i = Block_k(h'_i),   logits = Head(norm_k(h^k_i))
