@@ -148,8 +148,8 @@ def from_pretrained(path: str, **overrides) -> Transformer:
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
     with open(cfg_file) as f:
         hf_cfg = json.load(f)
-    src = SafetensorsDir(path)
     cfg = ModelConfig.from_hf_config(hf_cfg, **overrides)
+    src = SafetensorsDir(path)
     mtp_keys = {k for k in src.keys() if k.startswith(f"model.layers.{cfg.n_layers}.")}
     if cfg.n_mtp_modules and not mtp_keys:
         log.info("%s: config has %d MTP module(s) but the files hold none; loading without MTP",
