@@ -80,8 +80,7 @@ class Tokenizer:
                             add_generation_prompt: bool = False) -> str:
         """Renders ``messages`` ([{"role": ..., "content": ...}]) with the HF chat template.
 
-        Returns the prompt string; pass it to ``encode``. Needs jinja2, which is not in
-        this project's pinned requirements yet.
+        Returns the prompt string; pass it to ``encode``. Needs jinja2 (pinned in requirements.txt).
         """
         if self.chat_template is None:
             raise ValueError(f"{self.name} has no chat_template in its tokenizer_config.json")

@@ -3,7 +3,6 @@
 The tokenizer is trained once per session (vocab 512 on the first 1 MiB of the
 embedded corpus, well under a second); the other sources are small temp files.
 """
-import importlib.util
 import json
 import sys
 
@@ -104,17 +103,6 @@ def test_load_hf_directory_with_addedtoken_config(tok_dir, tmp_path):
         hf.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-_HAS_JINJA = importlib.util.find_spec("jinja2") is not None
-
-
-@pytest.mark.skipif(_HAS_JINJA, reason="checks the error raised when jinja2 is missing")
-def test_chat_template_without_jinja2_names_it(tok_dir, tmp_path):
-    t = tokenizer.load_tokenizer(hf_dir(tok_dir, tmp_path, {"chat_template": "{{ messages }}"}))
-    with pytest.raises(ImportError, match="jinja2"):
-        t.apply_chat_template([{"role": "user", "content": "hi"}])
-
-
-@pytest.mark.skipif(not _HAS_JINJA, reason="jinja2 is not installed")
 def test_chat_template_renders(tok_dir, tmp_path):
     template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
                 "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
