@@ -1,0 +1,1 @@
+"""Training support: checkpoints, metrics, preemption."""

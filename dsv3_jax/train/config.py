@@ -1,0 +1,93 @@
+"""Run-level configs: MeshConfig, OptimConfig, TrainConfig. Small, frozen, validated; gin binds them.
+
+The model's own architecture lives in `dsv3_jax.config.ModelConfig`; data in `dsv3_jax.data.DataConfig`.
+Defaults follow the V3 report §4.2 (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, gamma 0.001,
+alpha 1e-4, MTP lambda 0.3 then 0.1), with step counts instead of token counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _check(obj, field: str, ok: bool, why: str):
+    if not ok:
+        raise ValueError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    pipeline: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        for f in ("data", "pipeline", "expert"):
+            _check(self, f, getattr(self, f) >= 1, "expected a positive mesh degree")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.pipeline * self.expert
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    peak_lr: float = 2.2e-4
+    final_lr: float = 2.2e-5
+    warmup_steps: int = 2000
+    constant_steps: int = 0  # at peak_lr after warmup, before the cosine
+    decay_steps: int = 0  # cosine from peak_lr to final_lr; then final_lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only
+    clip_norm: float = 1.0
+    bf16_moments: bool = False  # Adam moments in BF16, FP32 master weights (V3 report §3.3.3)
+
+    def __post_init__(self):
+        _check(self, "peak_lr", self.peak_lr > 0, "expected > 0")
+        _check(self, "final_lr", 0 <= self.final_lr <= self.peak_lr, "expected 0 <= final_lr <= peak_lr")
+        for f in ("warmup_steps", "constant_steps", "decay_steps"):
+            _check(self, f, getattr(self, f) >= 0, "expected >= 0")
+        _check(self, "b2", 0 < self.b2 < 1, "expected 0 < b2 < 1")
+        _check(self, "clip_norm", self.clip_norm > 0, "expected > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 100
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step
+    seed: int = 0
+    # DeepSeek specifics
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight (V3 eq. 17)
+    bias_gamma: float = 1e-3  # aux-loss-free bias update speed (V3 §2.1.2)
+    bias_freeze_step: int = -1  # gamma -> 0 from this step on (V3: after 14.3T of 14.8T tokens); -1: never
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch_step: int = -1  # lambda -> mtp_lambda_late from this step on; -1: never
+    # loop
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    sample_tokens: int = 64
+    sample_prompt: str = "def "
+
+    def __post_init__(self):
+        for f in ("num_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                  "checkpoint_every", "keep_checkpoints"):
+            _check(self, f, getattr(self, f) >= 1, "expected a positive integer")
+        _check(self, "grad_accum", self.batch_size % self.grad_accum == 0,
+               f"must divide batch_size={self.batch_size}")
+        _check(self, "bias_gamma", self.bias_gamma >= 0, "expected >= 0")
+        _check(self, "balance_alpha", self.balance_alpha >= 0, "expected >= 0")
+
+    def gamma_at(self, step):
+        return self.bias_gamma if self.bias_freeze_step < 0 or step < self.bias_freeze_step else 0.0
+
+    def mtp_lambda_at(self, step):
+        late = 0 <= self.mtp_lambda_switch_step <= step
+        return self.mtp_lambda_late if late else self.mtp_lambda
