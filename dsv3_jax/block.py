@@ -35,7 +35,8 @@ class Block(nnx.Module):
             self.ffn = MoE(cfg, rngs=rngs)
         else:
             self.ffn = MLP(cfg.dim, cfg.inter_dim, std=cfg.init_std, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, rngs=rngs)
+                           param_dtype=cfg.param_dtype, rngs=rngs, impl=cfg.linear_impl,
+                           fp8_weights=cfg.fp8_weights)
         self.moe = moe
 
     def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict]:

@@ -66,6 +66,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # remat policy of the scanned layers
     moe_impl: str = "ragged"  # "ragged" (sort + lax.ragged_dot) or "dense" (loop over experts)
+    # FP8 (V3 report §3.3). fp8: the linear layers run Fprop/Dgrad/Wgrad as block-scaled FP8 GEMMs;
+    # fp8_weights: weights *stored* as e4m3 + 128x128 scales (DeepSeek's FP8 checkpoints, inference).
+    # Embedding, head, gate, norms and the attention core stay in higher precision either way.
+    fp8: bool = False
+    fp8_weights: bool = False
     attn_impl: str = "reference"
 
     def __post_init__(self):
@@ -119,6 +124,10 @@ class ModelConfig:
             bad("attn_impl", "expected 'reference'")
 
     # ---- derived values --------------------------------------------------------------------
+    @property
+    def linear_impl(self) -> str:
+        return "fp8" if self.fp8 else "default"
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim

@@ -65,6 +65,9 @@ MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 def hf_template(path: tuple, cfg: ModelConfig) -> tuple[str, int]:
     """Our flat state path -> (HF name with {l} and {e} slots, number of stacked leading dims)."""
     name = ".".join(str(p) for p in path)
+    if name.endswith("_scale_inv"):  # FP8 block scales sit beside their weight
+        template, n_stack = hf_template(tuple(name[: -len("_scale_inv")].split(".")), cfg)
+        return template + "_scale_inv", n_stack
     if name in TOP_NAMES:
         return TOP_NAMES[name], 0
     m = re.fullmatch(r"(dense|moe)_layers\.blocks\.(.+)", name)
@@ -131,18 +134,22 @@ def dequantize_block_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = 128)
     return w.astype(np.float32) * s
 
 
-def _read_weight(src: SafetensorsDir, key: str, used: set[str]) -> np.ndarray:
+def _read_weight(src: SafetensorsDir, key: str, used: set[str], dequantize: bool = True) -> np.ndarray:
     used.add(key)
     arr = src.get(key)
     scale_key = key[: -len("weight")] + "weight_scale_inv"
-    if scale_key in src.weight_map:
+    if dequantize and scale_key in src.weight_map:
         used.add(scale_key)
         arr = dequantize_block_fp8(arr, src.get(scale_key))
     return arr
 
 
-def from_pretrained(path: str, **overrides) -> Transformer:
-    """Load an HF-format DeepSeek-V3/V2 directory into a `Transformer` (FP8 weights dequantized)."""
+def from_pretrained(path: str, *, keep_fp8: bool = False, **overrides) -> Transformer:
+    """Load an HF-format DeepSeek-V3/V2 directory into a `Transformer`.
+
+    FP8 weights (`weight_scale_inv` beside them) are dequantized, or with `keep_fp8` stay e4m3 with
+    their block scales and run through the block-scaled FP8 matmul. `overrides` replace config fields.
+    """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
@@ -150,6 +157,10 @@ def from_pretrained(path: str, **overrides) -> Transformer:
         hf_cfg = json.load(f)
     cfg = ModelConfig.from_hf_config(hf_cfg, **overrides)
     src = SafetensorsDir(path)
+    if keep_fp8:
+        if not any(k.endswith("weight_scale_inv") for k in src.keys()):
+            raise ValueError(f"{path}: keep_fp8=True but the checkpoint has no FP8 weights (weight_scale_inv)")
+        cfg = cfg.replace(fp8_weights=True)
     mtp_keys = {k for k in src.keys() if k.startswith(f"model.layers.{cfg.n_layers}.")}
     if cfg.n_mtp_modules and not mtp_keys:
         log.info("%s: config has %d MTP module(s) but the files hold none; loading without MTP",
@@ -168,7 +179,8 @@ def from_pretrained(path: str, **overrides) -> Transformer:
         if absent:
             missing.extend(absent)
             continue
-        parts = [_read_weight(src, k, used) for k in flat_keys]
+        raw = var.get_value().dtype == jnp.float8_e4m3fn or p[-1].endswith("_scale_inv")
+        parts = [_read_weight(src, k, used, dequantize=not raw) for k in flat_keys]
         if any(a.shape != parts[0].shape for a in parts):
             misshaped.append(f"{template}: differing shapes {sorted({a.shape for a in parts})}")
             continue

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import fp8_block_matmul, fp8_linear, quantize_act_1x128
+
 
 def dtype_of(name: str):
     return jnp.dtype(name)
@@ -24,21 +26,52 @@ def normal_param(rngs: nnx.Rngs, shape, std: float, dtype, axes: tuple[str, ...]
     return nnx.Param(value, logical_axes=axes)
 
 
-def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default") -> jax.Array:
-    """y = x @ weight.T with weight (N, K). The one seam through which every projection goes."""
+class Fp8Scale(nnx.Variable):
+    """weight_scale_inv of an e4m3 weight: one float32 per 128x128 block (DeepSeek's FP8 checkpoints)."""
+
+
+def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", scale=None) -> jax.Array:
+    """y = x @ weight.T with weight (N, K). The one seam through which every projection goes.
+
+    impl "default": a plain matmul in `dtype`. impl "fp8": DeepSeek's FP8 training GEMMs
+    (1x128 activation tiles, 128x128 weight blocks, FP32 promotion; custom VJP with FP8 Dgrad and
+    Wgrad). A `scale` means the weight is stored in e4m3 and goes straight to the block-scaled
+    matmul, activations quantized on the fly (FP8 inference).
+    """
+    if scale is not None:
+        xq, xs = quantize_act_1x128(x.astype(dtype))
+        return fp8_block_matmul(xq, xs, weight, scale, out_dtype=jnp.float32).astype(dtype)
+    if impl == "fp8":
+        return fp8_linear(x.astype(dtype), weight.astype(dtype))
     if impl != "default":
-        raise ValueError(f"linear impl={impl!r}: expected 'default'")
+        raise ValueError(f"linear impl={impl!r}: expected 'default' or 'fp8'")
     return jnp.einsum("...k,nk->...n", x.astype(dtype), weight.astype(dtype))
+
+
+def fp8_weight(shape, axes: tuple[str, ...]) -> tuple[nnx.Param, Fp8Scale]:
+    """Zero e4m3 storage for a weight (..., N, K) and its block scales (..., N/128, K/128), filled
+    by the checkpoint loader."""
+    *lead, n, k = shape
+    scale_shape = (*lead, -(-n // 128), -(-k // 128))
+    return (nnx.Param(jnp.zeros(shape, jnp.float8_e4m3fn), logical_axes=axes),
+            Fp8Scale(jnp.ones(scale_shape, jnp.float32), logical_axes=axes))
 
 
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, std: float,
-                 dtype: str, param_dtype: str, rngs: nnx.Rngs):
-        self.weight = normal_param(rngs, (out_features, in_features), std, param_dtype, axes)
+                 dtype: str, param_dtype: str, rngs: nnx.Rngs, impl: str = "default",
+                 fp8_weights: bool = False):
+        if fp8_weights:
+            self.weight, self.weight_scale_inv = fp8_weight((out_features, in_features), axes)
+        else:
+            self.weight = normal_param(rngs, (out_features, in_features), std, param_dtype, axes)
         self.dtype = jnp.dtype(dtype)
+        self.impl = impl
+        self.fp8_weights = fp8_weights
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return linear(x, self.weight[...], dtype=self.dtype)
+        scale = self.weight_scale_inv[...] if self.fp8_weights else None
+        return linear(x, self.weight[...], dtype=self.dtype, impl=self.impl, scale=scale)
 
 
 class RMSNorm(nnx.Module):
@@ -68,8 +101,8 @@ class MLP(nnx.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). The dense layers and the shared experts."""
 
     def __init__(self, dim: int, hidden: int, *, std: float, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs):
-        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 rngs: nnx.Rngs, impl: str = "default", fp8_weights: bool = False):
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl, fp8_weights=fp8_weights)
         self.w1 = Linear(dim, hidden, ("mlp", "embed"), **kw)
         self.w2 = Linear(hidden, dim, ("embed", "mlp"), **kw)
         self.w3 = Linear(dim, hidden, ("mlp", "embed"), **kw)

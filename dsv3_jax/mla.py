@@ -27,7 +27,8 @@ from dsv3_jax.rope import apply_rope
 
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                  impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
         H = cfg.n_heads
         if cfg.q_lora_rank:
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("q_lora", "embed"), **kw)

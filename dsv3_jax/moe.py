@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, normal_param
+from dsv3_jax.layers import MLP, fp8_weight, normal_param
+from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
 
 class RouterBias(nnx.Variable):
@@ -74,20 +75,32 @@ def sequence_balance_loss(scores: jax.Array, indices: jax.Array, n_experts: int)
     return (f * p).sum(axis=-1).mean()
 
 
-def _swiglu_ragged(xs, w1, w2, w3, group_sizes, dtype):
-    def mm(a, w):  # w is stored (E, out, in); ragged_dot wants (E, in, out)
-        return jax.lax.ragged_dot(a.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype), group_sizes,
-                                  preferred_element_type=jnp.float32).astype(dtype)
-    return mm(jax.nn.silu(mm(xs, w1)) * mm(xs, w3), w2)
+def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=None):
+    """Expert-sorted rows a [M, in] times their expert's w [E, out, in] -> [M, out].
+
+    The MoE twin of layers.linear: "default" is lax.ragged_dot in `dtype`; "fp8" the FP8 training
+    GEMMs; a `scale` [E, out/128, in/128] means w is stored in e4m3 (FP8 inference).
+    """
+    if scale is not None:
+        aq, as_ = quantize_act_1x128(a.astype(dtype))
+        return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
+    if impl == "fp8":
+        return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes)
+    # ragged_dot wants (E, in, out)
+    return jax.lax.ragged_dot(a.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype), group_sizes,
+                              preferred_element_type=jnp.float32).astype(dtype)
 
 
-def moe_ragged(x, weights, indices, w1, w2, w3, *, dtype):
+def moe_ragged(x, weights, indices, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3):
     """Dropless routed experts. x [N,D], weights/indices [N,K], w1/w3 [E,F,D], w2 [E,D,F] -> [N,D]."""
     N, K = indices.shape
     flat = indices.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
     group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    y_sorted = _swiglu_ragged(x[order // K], w1, w2, w3, group_sizes, dtype)
+    mm = lambda a, w, s: grouped_matmul(a, w, group_sizes, dtype=dtype, impl=impl, scale=s)  # noqa: E731
+    xs = x[order // K]
+    h = jax.nn.silu(mm(xs, w1, scales[0])) * mm(xs, w3, scales[2])
+    y_sorted = mm(h, w2, scales[1])
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(dtype)
 
@@ -122,9 +135,24 @@ class Experts(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         E, F, D = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
-        self.w1 = normal_param(rngs, (E, F, D), cfg.init_std, cfg.param_dtype, ("exp", "mlp", "embed"))
-        self.w2 = normal_param(rngs, (E, D, F), cfg.init_std, cfg.param_dtype, ("exp", "embed", "mlp"))
-        self.w3 = normal_param(rngs, (E, F, D), cfg.init_std, cfg.param_dtype, ("exp", "mlp", "embed"))
+        shapes = {"w1": ((E, F, D), ("exp", "mlp", "embed")), "w2": ((E, D, F), ("exp", "embed", "mlp")),
+                  "w3": ((E, F, D), ("exp", "mlp", "embed"))}
+        for name, (shape, axes) in shapes.items():
+            if cfg.fp8_weights:
+                weight, scale = fp8_weight(shape, axes)
+                setattr(self, name, weight)
+                setattr(self, name + "_scale_inv", scale)
+            else:
+                setattr(self, name, normal_param(rngs, shape, cfg.init_std, cfg.param_dtype, axes))
+        self.fp8_weights = cfg.fp8_weights
+
+    def weights(self):
+        return tuple(getattr(self, n)[...] for n in ("w1", "w2", "w3"))
+
+    def scales(self):
+        if not self.fp8_weights:
+            return (None, None, None)
+        return tuple(getattr(self, n + "_scale_inv")[...] for n in ("w1", "w2", "w3"))
 
 
 class MoE(nnx.Module):
@@ -133,7 +161,8 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs=rngs)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, std=cfg.init_std,
-                                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+                                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                                      impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
         self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
@@ -142,9 +171,14 @@ class MoE(nnx.Module):
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         weights, indices, scores = self.gate(flat)
-        run = moe_ragged if cfg.moe_impl == "ragged" else moe_dense
-        e = self.experts
-        y = run(flat, weights, indices, e.w1[...], e.w2[...], e.w3[...], dtype=jnp.dtype(cfg.dtype))
+        e, dtype = self.experts, jnp.dtype(cfg.dtype)
+        if cfg.moe_impl == "dense":
+            if cfg.fp8 or cfg.fp8_weights:
+                raise ValueError("moe_impl='dense' is the high-precision reference; it has no FP8 path")
+            y = moe_dense(flat, weights, indices, *e.weights(), dtype=dtype)
+        else:
+            y = moe_ragged(flat, weights, indices, *e.weights(), dtype=dtype, impl=cfg.linear_impl,
+                           scales=e.scales())
         if cfg.n_shared_experts:
             y = y + self.shared_experts(flat)
         stats = {

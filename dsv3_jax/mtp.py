@@ -30,7 +30,8 @@ class MTPModule(nnx.Module):
         self.enorm = RMSNorm(cfg.dim, "embed", **norm)
         self.hnorm = RMSNorm(cfg.dim, "embed", **norm)
         self.eh_proj = Linear(2 * cfg.dim, cfg.dim, ("embed", "embed_cat"), std=cfg.init_std,
-                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                              impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
         self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, "embed", **norm)
 

@@ -6,8 +6,9 @@ block-scaled GEMMs with FP32 promotion every 128 of K.
     fp8_linear (custom_vjp: Fprop, Dgrad, Wgrad all in FP8)              fp8_matmul
     mgpu_block_matmul (Hopper wgmma kernel on aligned operands)          fp8_matmul_mgpu
     fp8_grouped_matmul (MoE, expert-sorted rows)                         fp8_grouped
+    fp8_grouped_linear (custom_vjp: the MoE experts' training GEMMs)     fp8_grouped
 """
-from pallas_kernels.fp8_grouped import (Fp8GroupedTuning, fp8_grouped_matmul,
+from pallas_kernels.fp8_grouped import (Fp8GroupedTuning, fp8_grouped_linear, fp8_grouped_matmul,
                                         fp8_grouped_matmul_reference)
 from pallas_kernels.fp8_matmul import (Fp8MatmulTuning, fp8_block_matmul,
                                        fp8_block_matmul_reference, fp8_linear)
@@ -23,5 +24,5 @@ __all__ = [
     "dequantize_act_1x128", "dequantize_act_128x1", "dequantize_weight_128x128",
     "Fp8MatmulTuning", "fp8_block_matmul", "fp8_block_matmul_reference", "fp8_linear",
     "mgpu_block_matmul",
-    "Fp8GroupedTuning", "fp8_grouped_matmul", "fp8_grouped_matmul_reference",
+    "Fp8GroupedTuning", "fp8_grouped_linear", "fp8_grouped_matmul", "fp8_grouped_matmul_reference",
 ]

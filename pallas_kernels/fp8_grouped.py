@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_matmul import _k_loop_kernel, _pad_to
-from pallas_kernels.fp8_quant import FP8, TILE
+from pallas_kernels.fp8_quant import (FP8, TILE, dequantize_act_128x1, quantize_act_1x128,
+                                      quantize_act_128x1, quantize_weight_128x128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +186,45 @@ def fp8_grouped_matmul(xq, xs, wq, ws, group_sizes, out_dtype=jnp.float32, *,
         interpret = jax.default_backend() != "tpu"
     return _pallas(xq, xs, wq, ws, group_sizes, bm=t.block_m, bn=t.block_n,
                    out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+
+
+# ---- training: custom VJP, as fp8_linear does for the dense GEMMs -------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_grouped_linear(x, w, group_sizes, impl: str = "auto"):
+    """y (M, N) = x (M, K) @ w[e(r)] (E, N, K)^T per expert-sorted row, in FP8 (report §3.3).
+
+    Fprop: x in 1x128 tiles, each expert's w in 128x128 blocks. Dgrad: dY in 1x128 tiles times
+    w's blocks transposed. Wgrad: dY and X re-quantized along tokens (128x1 tiles) and contracted
+    per expert with an exact FP32 sum (the token tiles may straddle two experts: only the scales
+    are shared, the sums are not). Output in x.dtype; dw in w.dtype.
+    """
+    return _fgl_fwd(x, w, group_sizes, impl)[0]
+
+
+def _quant_w(w):
+    return jax.vmap(quantize_weight_128x128)(w)
+
+
+def _fgl_fwd(x, w, group_sizes, impl):
+    xq, xs = quantize_act_1x128(x)
+    wq, ws = _quant_w(w)
+    y = fp8_grouped_matmul(xq, xs, wq, ws, group_sizes, jnp.float32, impl=impl).astype(x.dtype)
+    return y, (x, wq, ws, group_sizes, jnp.zeros((0,), w.dtype))
+
+
+def _fgl_bwd(impl, res, dy):
+    x, wq, ws, group_sizes, w_dtype = res
+    dyq, dys = quantize_act_1x128(dy)
+    # dX = dY W: the "weight" operand is W^T per expert (E, K, N), its block grid transposed.
+    dx = fp8_grouped_matmul(dyq, dys, wq.transpose(0, 2, 1), ws.transpose(0, 2, 1), group_sizes,
+                            jnp.float32, impl=impl).astype(dy.dtype)
+    xt = dequantize_act_128x1(*quantize_act_128x1(x), jnp.float32)
+    dyt = dequantize_act_128x1(*quantize_act_128x1(dy), jnp.float32)
+    # dW[e] = dY_e^T X_e: the weight cotangent of a ragged_dot on the FP8-rounded operands.
+    _, vjp = jax.vjp(lambda wt: lax.ragged_dot(xt, wt, group_sizes), jnp.zeros(
+        (wq.shape[0], wq.shape[2], wq.shape[1]), jnp.float32))
+    (dw_t,) = vjp(dyt)
+    return dx, dw_t.transpose(0, 2, 1).astype(w_dtype.dtype), None
+
+
+fp8_grouped_linear.defvjp(_fgl_fwd, _fgl_bwd)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -19,7 +20,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dsv3_jax import Transformer, preset
-from dsv3_jax.hf import from_pretrained, save_pretrained
+from dsv3_jax.hf import SafetensorsDir, from_pretrained, save_pretrained
+from dsv3_jax.layers import linear
+from pallas_kernels import dequantize_act_1x128, quantize_act_1x128
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -169,3 +172,41 @@ def test_missing_directory_or_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
         from_pretrained(str(tmp_path))
+
+
+def test_fp8_checkpoint_kept_in_fp8_runs_the_block_scaled_matmul(tmp_path):
+    """keep_fp8: e4m3 weights + scales stay FP8 in memory; logits stay close to the dequantized model
+    (the only difference is the 1x128 activation quantization)."""
+    src = os.path.join(FIXTURES, "v3_group")
+    fp8_dir = str(tmp_path / "fp8")
+    shutil.copytree(src, fp8_dir)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    fp8 = {}
+    for k, v in tensors.items():
+        if v.ndim == 2 and "embed" not in k and "lm_head" not in k and "mlp.gate." not in k:
+            fp8[k], fp8[k + "_scale_inv"] = _quantize_128(v)
+        else:
+            fp8[k] = v
+    save_file(fp8, os.path.join(fp8_dir, "model.safetensors"))
+    kept, dequant = from_pretrained(fp8_dir, keep_fp8=True), from_pretrained(fp8_dir)
+    w = kept.moe_layers.blocks.ffn.experts.w1[...]
+    assert w.dtype == jnp.float8_e4m3fn and kept.moe_layers.blocks.attn.wq_a.weight[...].dtype == jnp.float8_e4m3fn
+    # one projection: exactly the dequantized weight applied to the 1x128-quantized activation
+    x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+    xq, xs = quantize_act_1x128(x)
+    want = dequantize_act_1x128(xq, xs) @ np.asarray(dequant.moe_layers.blocks.attn.wq_a.weight[...][0]).T
+    wq_a = kept.moe_layers.blocks.attn.wq_a
+    got = linear(x, wq_a.weight[...][0], dtype=jnp.float32, scale=wq_a.weight_scale_inv[...][0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the whole model: close, not equal (activations are quantized at every projection)
+    ids = jnp.asarray(load_file(os.path.join(src, "reference.safetensors"))["input_ids"])
+    a, b = np.asarray(kept(ids)), np.asarray(dequant(ids))
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    print(f"FP8-kept vs dequantized logits: relative error {rel:.3e}")
+    assert 0 < rel < 0.25
+    out = str(tmp_path / "resaved")  # and FP8 models save back in the same layout
+    save_pretrained(kept, out)
+    resaved = SafetensorsDir(out)  # safetensors' numpy reader has no FP8 dtype; ours does
+    key = "model.layers.1.mlp.experts.3.gate_proj.weight"
+    assert resaved.get(key).dtype == ml_dtypes.float8_e4m3fn and key + "_scale_inv" in resaved.keys()
+    np.testing.assert_array_equal(resaved.get(key).view(np.uint8), fp8[key].view(np.uint8))
