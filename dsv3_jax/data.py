@@ -97,6 +97,7 @@ class Data:
     train_windows: int
     val_windows: int
     local_batch_size: int
+    unigram_val_loss: float | None = None  # baseline: val NLL under train-split token frequencies
 
     def val_batches(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.val_dataset)
@@ -324,4 +325,16 @@ def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_si
            .batch(local, drop_remainder=True).map(_to_example))
     return Data(train=iter(train.to_iter_dataset(options)), val_dataset=val, tokenizer=tok,
                 train_windows=len(train_windows), val_windows=len(val_windows),
-                local_batch_size=local)
+                local_batch_size=local,
+                unigram_val_loss=unigram_loss(train_streams, val_streams, vocab_size))
+
+
+def unigram_loss(train_streams, val_streams, vocab_size: int) -> float | None:
+    """Mean NLL (nats) of the validation tokens under add-one-smoothed train-split unigram
+    frequencies: the loss a model that ignores context would reach. None without validation data."""
+    n_val = sum(len(s) for s in val_streams)
+    if n_val == 0:
+        return None
+    counts = sum(np.bincount(np.asarray(s), minlength=vocab_size)[:vocab_size] for s in train_streams)
+    logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+    return float(-sum(logp[np.asarray(s)].sum() for s in val_streams) / n_val)

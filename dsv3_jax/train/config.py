@@ -55,7 +55,6 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    num_steps: int = 100
     batch_size: int = 8  # global, in sequences
     seq_len: int = 128
     grad_accum: int = 1  # micro-batches per step
@@ -77,7 +76,7 @@ class TrainConfig:
     sample_prompt: str = "def "
 
     def __post_init__(self):
-        for f in ("num_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+        for f in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                   "checkpoint_every", "keep_checkpoints"):
             _check(self, f, getattr(self, f) >= 1, "expected a positive integer")
         _check(self, "grad_accum", self.batch_size % self.grad_accum == 0,
