@@ -17,18 +17,22 @@ from dsv3_jax.train.config import OptimConfig
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
     """0 -> peak over warmup, peak for constant_steps, cosine to final over decay_steps, then final."""
-    parts = [optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1))]
-    bounds = [max(cfg.warmup_steps, 1)]
+    parts, bounds, t = [], [], 0
+    if cfg.warmup_steps:
+        parts.append(optax.linear_schedule(0.0, cfg.peak_lr, cfg.warmup_steps))
+        t += cfg.warmup_steps
+        bounds.append(t)
     if cfg.constant_steps:
         parts.append(optax.constant_schedule(cfg.peak_lr))
-        bounds.append(bounds[-1] + cfg.constant_steps)
+        t += cfg.constant_steps
+        bounds.append(t)
     if cfg.decay_steps:
         parts.append(optax.cosine_decay_schedule(cfg.peak_lr, cfg.decay_steps, alpha=cfg.final_lr / cfg.peak_lr))
-        bounds.append(bounds[-1] + cfg.decay_steps)
+        bounds.append(t + cfg.decay_steps)
         parts.append(optax.constant_schedule(cfg.final_lr))
     else:
         parts.append(optax.constant_schedule(cfg.peak_lr))
-    return optax.join_schedules(parts, bounds)
+    return optax.join_schedules(parts, bounds[: len(parts) - 1])
 
 
 def decay_mask(params: nnx.State):

@@ -90,7 +90,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        metrics.update(grad_norm=optax.global_norm(grads), expert_load=load,
+        metrics.update(grad_norm=optax.tree.norm(grads), expert_load=load,
                        load_max_over_mean=max_over_mean(load) if load.shape[0] else jnp.zeros((0,)))
         return new_state, metrics
 

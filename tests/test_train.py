@@ -1,0 +1,145 @@
+"""train.py end to end: bad configs, exact resume, kill -9, corrupt checkpoints, a different mesh.
+
+Each case runs train.py in a subprocess on the tiny config. A persistent compilation cache
+shared by the runs keeps the repeated compiles cheap.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["configs/tiny.gin"]
+FAST = ["TrainConfig.sample_tokens = 0", "TrainConfig.eval_every = 1000", "TrainConfig.log_every = 1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def run(workdir, *bindings, cache=None, devices=None, check=True, wait=True, gin_files=BASE):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # the device count is train.py's flag, not the test process's
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "train.py", "--workdir", str(workdir)]
+    for f in gin_files:
+        cmd += ["--gin_file", f]
+    for b in (*FAST, *bindings):
+        cmd += ["--gin_bindings", b]
+    if devices:
+        cmd += ["--num_cpu_devices", str(devices)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(workdir):
+    recs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def final_params(workdir):
+    from orbax.checkpoint import PyTreeCheckpointer
+    ckdir = os.path.join(workdir, "checkpoints")
+    step = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
+    tree = PyTreeCheckpointer().restore(os.path.join(ckdir, str(step), "state"))
+    return step, tree["params"]
+
+
+def assert_same_tree(a, b):
+    import jax
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """An uninterrupted 8-step run, checkpoints every 2 steps."""
+    wd = tmp_path_factory.mktemp("ref")
+    run(wd, "train.num_steps = 8", "TrainConfig.checkpoint_every = 2", cache=cache)
+    return wd
+
+
+@pytest.mark.slow
+def test_resumed_run_is_bit_identical(reference, tmp_path, cache):
+    wd = tmp_path / "resumed"
+    run(wd, "train.num_steps = 5", "TrainConfig.checkpoint_every = 2", cache=cache)  # saves 2, 4, 5
+    out = run(wd, "train.num_steps = 8", "TrainConfig.checkpoint_every = 2", cache=cache)
+    assert "resumed from step 5" in out.stderr
+    assert losses(wd) == losses(reference)  # same per-step losses, no duplicates
+    assert_same_tree(final_params(wd)[1], final_params(reference)[1])
+
+
+@pytest.mark.slow
+def test_kill_9_loses_steps_not_checkpoints(reference, tmp_path, cache):
+    wd = tmp_path / "killed"
+    proc = run(wd, "train.num_steps = 8", "TrainConfig.checkpoint_every = 2", cache=cache, wait=False)
+    ckdir = wd / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ckdir.exists() and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckdir))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run(wd, "train.num_steps = 8", "TrainConfig.checkpoint_every = 2", cache=cache)
+    assert losses(wd) == losses(reference)
+    assert_same_tree(final_params(wd)[1], final_params(reference)[1])
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path, cache):
+    wd = tmp_path / "corrupt"
+    shutil.copytree(reference, wd)
+    latest = wd / "checkpoints" / "8"
+    for root, _, files in os.walk(latest / "state"):  # destroy the array data of the newest step
+        for f in files:
+            if not f.startswith("_"):
+                open(os.path.join(root, f), "wb").close()
+    out = run(wd, "train.num_steps = 8", "TrainConfig.checkpoint_every = 2", cache=cache)
+    assert "step 8" in out.stderr and "unusable" in out.stderr
+    assert "resumed from step 6" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert_same_tree(final_params(wd)[1], final_params(reference)[1])
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_mesh(tmp_path, cache):
+    wd = tmp_path / "mesh"
+    run(wd, "train.num_steps = 2", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 8",
+        cache=cache, devices=8)
+    out = run(wd, "train.num_steps = 4", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 2",
+              "MeshConfig.pipeline = 2", "MeshConfig.expert = 2", cache=cache, devices=8)
+    assert "resumed from step 2" in out.stderr
+    l = losses(wd)
+    assert sorted(l) == [1, 2, 3, 4] and all(np.isfinite(v) for v in l.values())
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("TrainConfig.batch_sizee = 4", "batch_sizee"),  # a typo
+    ("NoSuchThing.x = 1", "NoSuchThing"),  # an unknown configurable
+    ("MeshConfig.data = 3", "MeshConfig data=3"),  # a mesh the devices cannot form
+    ("ModelConfig.n_expert_groups = 3", "n_expert_groups"),  # an invalid model
+])
+def test_bad_config_exits_with_a_clear_message_before_compiling(tmp_path, binding, message):
+    out = run(tmp_path / "bad", binding, check=False)
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_missing_required_value_is_reported(tmp_path):
+    out = run(tmp_path / "req", check=False, gin_files=["configs/base.gin", "configs/model/tiny.gin"])
+    assert out.returncode != 0 and "num_steps" in out.stderr and "Traceback" not in out.stderr
