@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -65,7 +66,14 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls
     param_dtype: str = "float32"
     remat: str = "none"  # remat policy of the scanned layers
-    moe_impl: str = "ragged"  # "ragged" (sort + lax.ragged_dot) or "dense" (loop over experts)
+    moe_impl: str = "ragged"  # "ragged" (sort + lax.ragged_dot), "tiled" (tile-padded batched GEMMs,
+    # fast on XLA:CPU), "dense" (every expert on every token: the reference), "ep" (expert parallel)
+    # expert parallelism (moe_impl="ep", dsv3_jax/parallel/ep.py): wire formats of the all-to-all,
+    # per-pair capacity (0: the worst case, dropless) and the transport primitive
+    ep_dispatch: str = "fp8"  # "fp8" (E4M3, pow2 1x128 scales), "bf16", "fp32"
+    ep_combine: str = "bf16"  # "bf16", "fp32", "logfmtN" (LogFMT-nBit, 3 <= N <= 16)
+    ep_capacity_factor: float = 0.0
+    ep_transport: str = "all_to_all"  # or "ragged_all_to_all" (GPU/TPU; XLA:CPU lacks it)
     # FP8 (V3 report §3.3). fp8: the linear layers run Fprop/Dgrad/Wgrad as block-scaled FP8 GEMMs;
     # fp8_weights: weights *stored* as e4m3 + 128x128 scales (DeepSeek's FP8 checkpoints, inference).
     # Embedding, head, gate, norms and the attention core stay in higher precision either way.
@@ -118,8 +126,16 @@ class ModelConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 bad(f, f"expected one of {DTYPES}")
-        if self.moe_impl not in ("ragged", "dense"):
-            bad("moe_impl", "expected 'ragged' or 'dense'")
+        if self.moe_impl not in ("ragged", "tiled", "dense", "ep"):
+            bad("moe_impl", "expected 'ragged', 'tiled', 'dense' or 'ep'")
+        if self.ep_dispatch not in ("fp8", "bf16", "fp32"):
+            bad("ep_dispatch", "expected 'fp8', 'bf16' or 'fp32'")
+        if not re.fullmatch(r"bf16|fp32|logfmt([3-9]|1[0-6])", self.ep_combine):
+            bad("ep_combine", "expected 'bf16', 'fp32' or 'logfmtN' with 3 <= N <= 16")
+        if self.ep_capacity_factor < 0:
+            bad("ep_capacity_factor", "expected >= 0 (0: worst-case capacity, nothing dropped)")
+        if self.ep_transport not in ("all_to_all", "ragged_all_to_all"):
+            bad("ep_transport", "expected 'all_to_all' or 'ragged_all_to_all'")
         if self.attn_impl not in ("reference",):
             bad("attn_impl", "expected 'reference'")
 

@@ -17,8 +17,9 @@ decay. Training moves it by gamma * sign(mean load - load) after each step (`tra
 from the per-expert load counts this module returns.
 
 Dispatch is dropless (no capacity): token copies are sorted by expert and run through
-`jax.lax.ragged_dot` per weight matrix. `moe_dense` computes every expert on every token and is
-the reference the tests compare against.
+`jax.lax.ragged_dot` per weight matrix (moe_impl="ragged"), or through tile-padded batched GEMMs
+("tiled", the fast form on XLA:CPU). `moe_dense` computes every expert on every token and is the
+reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -86,9 +87,35 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
         return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
     if impl == "fp8":
         return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes)
+    if impl == "tiled":
+        return tiled_grouped_matmul(a.astype(dtype), w.astype(dtype), group_sizes)
     # ragged_dot wants (E, in, out)
     return jax.lax.ragged_dot(a.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype), group_sizes,
                               preferred_element_type=jnp.float32).astype(dtype)
+
+
+def tiled_grouped_matmul(a, w, group_sizes, tile: int = 64):
+    """grouped_matmul as one batched dense GEMM: each expert's rows are padded to whole tiles
+    (DeepGEMM's "contiguous layout") and every tile multiplies its expert's weight.
+
+    XLA:CPU runs lax.ragged_dot as a masked loop over groups; this form does the same FLOPs plus at
+    most E*(tile-1) padding rows, in one batched matmul. Shapes are static: the tile count is the
+    worst case ceil((M + E*(tile-1)) / tile). a [M, in] sorted by expert, w [E, out, in] -> [M, out].
+    """
+    M, E = a.shape[0], w.shape[0]
+    padded = (group_sizes + tile - 1) // tile * tile
+    padded_end = jnp.cumsum(padded)
+    padded_start, start = padded_end - padded, jnp.cumsum(group_sizes) - group_sizes
+    expert_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
+    T = -(-(M + E * (tile - 1)) // tile)
+    # rows past sum(group_sizes) belong to no expert: they go nowhere and come back as zeros
+    dest = jnp.where(jnp.arange(M) < start[-1] + group_sizes[-1],
+                     padded_start[expert_of_row] + jnp.arange(M) - start[expert_of_row], T * tile)
+    buf = jnp.zeros((T * tile, a.shape[1]), a.dtype).at[dest].set(a, mode="drop")
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(T) * tile, side="right"), E - 1)
+    y = jnp.einsum("tmi,toi->tmo", buf.reshape(T, tile, -1), w[tile_expert],
+                   preferred_element_type=jnp.float32).astype(a.dtype)
+    return y.reshape(T * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
 def moe_ragged(x, weights, indices, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3):
@@ -176,9 +203,13 @@ class MoE(nnx.Module):
             if cfg.fp8 or cfg.fp8_weights:
                 raise ValueError("moe_impl='dense' is the high-precision reference; it has no FP8 path")
             y = moe_dense(flat, weights, indices, *e.weights(), dtype=dtype)
+        elif cfg.moe_impl == "ep":  # expert parallel over the ambient mesh (parallel/ep.py)
+            from dsv3_jax.parallel.ep import moe_ep  # lazy: ep.py imports grouped_matmul from here
+            y, ep_stats = moe_ep(flat, weights, indices, *e.weights(), cfg=cfg, impl=cfg.linear_impl,
+                                 scales=e.scales())
         else:
-            y = moe_ragged(flat, weights, indices, *e.weights(), dtype=dtype, impl=cfg.linear_impl,
-                           scales=e.scales())
+            impl = "tiled" if cfg.moe_impl == "tiled" and not cfg.fp8 else cfg.linear_impl
+            y = moe_ragged(flat, weights, indices, *e.weights(), dtype=dtype, impl=impl, scales=e.scales())
         if cfg.n_shared_experts:
             y = y + self.shared_experts(flat)
         stats = {
@@ -186,4 +217,6 @@ class MoE(nnx.Module):
             "balance": sequence_balance_loss(scores.reshape(B, S, -1), indices.reshape(B, S, -1),
                                              cfg.n_routed_experts),
         }
+        if cfg.moe_impl == "ep":
+            stats.update(ep_stats)  # ep_dropped (token-shard pairs over capacity), ep_shards (mean reach)
         return y.reshape(B, S, D), stats
