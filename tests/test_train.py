@@ -143,3 +143,17 @@ def test_bad_config_exits_with_a_clear_message_before_compiling(tmp_path, bindin
 def test_missing_required_value_is_reported(tmp_path):
     out = run(tmp_path / "req", check=False, gin_files=["configs/base.gin", "configs/model/tiny.gin"])
     assert out.returncode != 0 and "num_steps" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_infer_decodes_from_a_training_workdir(reference):
+    from dsv3_jax.train.checkpoint import load_for_inference
+    model, tokenizer = load_for_inference(str(reference))
+    _, params = final_params(reference)
+    np.testing.assert_array_equal(np.asarray(model.head[...]), np.asarray(params["head"]["value"]))
+    assert tokenizer is not None and tokenizer.vocab_size <= model.cfg.vocab_size
+    out = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(reference), "--prompt", "def ",
+                          "--max_new_tokens", "4", "--temperature", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("def") or out.stdout.strip() != "" and "tokens/s" in out.stderr

@@ -1,0 +1,253 @@
+"""`generate(model, prompts, ...)`: batched generation with a latent cache, optional MTP speculation
+and optional prefill/decode disaggregation.
+
+Prompts are right-padded into a [B, S] batch (S rounded up to a multiple of 16 so few prompt
+lengths compile), prefilled in chunks of `prefill_batch_size`, handed to the decode batch and
+decoded by one compiled step until every sequence has hit EOS or its token budget. The host loop
+keeps one step in flight: it dispatches step i+1 before reading step i's tokens, so the device
+does not wait for Python between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from dsv3_jax.infer import engine
+from dsv3_jax.infer.sampling import SamplingConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.sharding import batch_sharding
+
+PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this
+CACHE_BUCKET = 64  # cache lengths likewise
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    first_tokens: int = 0  # of which sampled by prefill (one per sequence)
+    prefill_s: float = 0.0  # prefill and hand-off (compilation included on a first call)
+    decode_s: float = 0.0
+    steps: int = 0  # decode steps run (each one a verification when speculating)
+    sequence_steps: int = 0  # (sequence, step) pairs where the sequence was active
+    drafted: int = 0
+    accepted: int = 0
+    step_s: list[float] = dataclasses.field(default_factory=list)  # host time between step results
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a sequence gains per verification step (1 without speculation)."""
+        return (self.generated_tokens - self.first_tokens) / self.sequence_steps if self.sequence_steps else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated_tokens - self.first_tokens) / self.decode_s if self.decode_s else 0.0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, EOS included when it was hit
+    stats: GenerationStats
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> list[list[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one token")
+        if len(p) >= max_seq_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context (max_seq_len) is "
+                             f"{max_seq_len}, which leaves no room to generate")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+        out.append(p)
+    if not out:
+        raise ValueError("no prompts given")
+    return out
+
+
+class Engine:
+    """A model ready to generate: its (graphdef, state) placed on the prefill and decode meshes.
+
+    Without meshes both programs use the model's own parameter arrays. With meshes, the
+    parameters are laid out by `sharding.RULES` on each (e.g. prefill data-parallel, decode with
+    experts over `expert`) and the prefilled state moves between them with `jax.device_put`.
+    """
+
+    def __init__(self, model: Transformer, *, cache_dtype=jnp.bfloat16, prefill_mesh: Mesh | None = None,
+                 decode_mesh: Mesh | None = None):
+        self.cfg = model.cfg
+        self.graphdef, params = nnx.split(model)
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.prefill_mesh, self.decode_mesh = prefill_mesh, decode_mesh
+        self.prefill_params = engine.place_params(params, prefill_mesh)
+        self.decode_params = (self.prefill_params if decode_mesh is prefill_mesh
+                              else engine.place_params(params, decode_mesh))
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
+                 speculative: int = 0, batch_size: int | None = None, prefill_batch_size: int | None = None,
+                 max_len: int | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` per prompt (fewer where the context ends or EOS comes).
+
+        speculative: D, the number of tokens drafted per step by MTP modules 1..D (0 = off).
+        batch_size / prefill_batch_size: decode and prefill batch sizes (default: all prompts).
+        max_len: cache slots per sequence (default: longest prompt + budget, rounded up).
+        on_tokens(i, ids) is called as prompt i's tokens arrive (streaming).
+        """
+        cfg = self.cfg
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        if not 0 <= speculative <= cfg.n_mtp_modules:
+            raise ValueError(f"speculative={speculative}: the model has {cfg.n_mtp_modules} MTP module(s)")
+        prompts = validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
+        Bd = batch_size or len(prompts)
+        Bp = prefill_batch_size or Bd
+        if Bd % Bp:
+            raise ValueError(f"batch_size={Bd} must be a multiple of prefill_batch_size={Bp}")
+        S = min(_round_up(max(map(len, prompts)), PROMPT_BUCKET), cfg.max_seq_len)
+        budget = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
+        need = max(len(p) + b for p, b in zip(prompts, budget)) + speculative
+        T = max_len or max(_round_up(need, CACHE_BUCKET), S)
+        if T < max(need, S):
+            raise ValueError(f"max_len={max_len}: needs at least {max(need, S)} slots")
+        run = _Run(self, prompts, budget, S, T, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+                   dict(n_draft=speculative, sampling=sampling), on_tokens)
+        for start in range(0, len(prompts), Bd):
+            ids = [i if i < len(prompts) else -1 for i in range(start, start + Bd)]
+            t0 = time.perf_counter()
+            state = run.prefill(ids, Bp)
+            t1 = time.perf_counter()
+            run.decode(ids, state)
+            run.stats.prefill_s += t1 - t0
+            run.stats.decode_s += time.perf_counter() - t1
+        return GenerationResult(run.results, run.stats)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One `generate` call: its settings, the tokens so far, the statistics."""
+
+    engine: Engine
+    prompts: list[list[int]]
+    budget: list[int]
+    S: int  # padded prompt length
+    T: int  # cache slots
+    key: jax.Array
+    eos: jax.Array
+    kw: dict  # n_draft, sampling
+    on_tokens: Callable[[int, list[int]], None] | None
+    results: list[list[int]] = dataclasses.field(default_factory=list)
+    stats: GenerationStats = dataclasses.field(default_factory=GenerationStats)
+
+    def __post_init__(self):
+        self.results = [[] for _ in self.prompts]
+
+    def emit(self, out: engine.StepOutput, ids: list[int]):
+        toks, count = np.asarray(out.tokens), np.asarray(out.count)
+        for row, i in enumerate(ids):
+            if i >= 0 and count[row]:
+                new = toks[row, : count[row]].tolist()
+                self.results[i].extend(new)
+                self.stats.generated_tokens += len(new)
+                if self.on_tokens is not None:
+                    self.on_tokens(i, new)
+
+    def prefill(self, ids: list[int], Bp: int) -> engine.DecodeState:
+        """Prefill the decode batch `ids` (-1: empty row) in chunks of Bp; returns its state."""
+        e, cfg = self.engine, self.engine.cfg
+        state = engine.empty_state(cfg, len(ids), self.T, cache_dtype=e.cache_dtype,
+                                   hidden_dtype=jnp.dtype(cfg.dtype), **self.kw)
+        if e.decode_mesh is not None:
+            state = jax.device_put(state, engine.state_shardings_for(state, e.decode_mesh))
+        firsts = []
+        for p0 in range(0, len(ids), Bp):
+            chunk = ids[p0: p0 + Bp]
+            if all(i < 0 for i in chunk):
+                continue
+            rows, first = self._prefill_chunk(chunk)
+            firsts.append((first, chunk))
+            state = engine.insert(state, rows, jnp.int32(p0), mesh=e.decode_mesh)
+        for first, chunk in firsts:
+            self.emit(first, chunk)
+            self.stats.first_tokens += int(np.asarray(first.count).sum())
+        self.stats.prompt_tokens += sum(len(self.prompts[i]) for i in ids if i >= 0)
+        return jax.block_until_ready(state)
+
+    def _prefill_chunk(self, chunk: list[int]):
+        """Right-pad one chunk of prompts (empty rows: one pad token, no budget) and prefill it."""
+        e = self.engine
+        tok = np.zeros((len(chunk), self.S), np.int32)
+        lengths = np.ones((len(chunk),), np.int32)
+        budget = np.zeros((len(chunk),), np.int32)
+        for r, i in enumerate(chunk):
+            if i >= 0:
+                tok[r, : len(self.prompts[i])] = self.prompts[i]
+                lengths[r], budget[r] = len(self.prompts[i]), self.budget[i]
+        args = [tok, lengths, np.asarray([max(i, 0) for i in chunk], np.int32), budget]
+        if e.prefill_mesh is not None:  # rows over the prefill mesh's data axes
+            args = [jax.device_put(a, batch_sharding(e.prefill_mesh, a.shape)) for a in args]
+        rows, first = engine.prefill(e.graphdef, e.prefill_params, *args, self.key, self.eos,
+                                     cache_dtype=e.cache_dtype, mesh=e.prefill_mesh, **self.kw)
+        if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
+            # The hand-off: the latent cache (S slots per sequence) and the small per-row state.
+            rows = jax.device_put(rows, engine.state_shardings_for(rows, e.decode_mesh))
+        return rows, first
+
+    def decode(self, ids: list[int], state: engine.DecodeState) -> None:
+        """Step until every row is done, one step in flight: step i+1 is dispatched before step
+        i's tokens are read, unless it cannot matter (every step emits >= 1 token per active
+        sequence, so sequences with <= 1 token left are done once the step in flight ends)."""
+        e = self.engine
+        active, remaining = np.asarray(state.active), np.asarray(state.remaining)
+        in_flight, last = None, time.perf_counter()
+        while True:
+            alive = active & (remaining > 1) if in_flight is not None else active
+            nxt = None
+            if alive.any():
+                state, nxt = engine.step(e.graphdef, e.decode_params, state, self.key, self.eos,
+                                         mesh=e.decode_mesh, **self.kw)
+            if in_flight is not None:
+                self._count(in_flight)
+                self.emit(in_flight, ids)
+                active, remaining = np.asarray(in_flight.active), np.asarray(in_flight.remaining)
+                now = time.perf_counter()
+                self.stats.step_s.append(now - last)
+                last = now
+            if nxt is None:
+                return
+            in_flight = nxt
+
+    def _count(self, out: engine.StepOutput):
+        was = np.asarray(out.was_active)
+        s = self.stats
+        s.steps += 1
+        s.sequence_steps += int(was.sum())
+        s.drafted += self.kw["n_draft"] * int(was.sum())
+        s.accepted += int(np.asarray(out.accepted)[was].sum())
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, cache_dtype=jnp.bfloat16,
+             **kwargs) -> GenerationResult:
+    """One-shot `Engine(model, cache_dtype=...).generate(prompts, **kwargs)` (programs stay compiled)."""
+    return Engine(model, cache_dtype=cache_dtype).generate(prompts, **kwargs)

@@ -1,0 +1,410 @@
+"""Inference: absorbed MLA over the latent cache, prefill + decode against the teacher-forced forward,
+batching, MTP speculation (greedy identity, sampling distribution), disaggregation, sampling, CLI."""
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from dsv3_jax import Transformer, preset
+from dsv3_jax.attention import causal_mask
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_bytes_per_token, init_cache
+from dsv3_jax.infer import engine as programs
+from dsv3_jax.infer.cache import LatentCache
+from dsv3_jax.infer.decode import absorbed_attention, forward_cached, mtp_forward
+from dsv3_jax.infer.sampling import filter_logits, probabilities, sample
+from dsv3_jax.rope import rope_tables
+from dsv3_jax.sharding import make_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# init_std 0.15 makes the blocks matter enough that MTP drafts are often, not always, right.
+CFG = preset("tiny", n_mtp_modules=2, vocab_size=128, init_std=0.15)
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4, 40, 4, 41, 4, 42, 4, 43, 4, 44, 4, 45]]
+NEW = 12
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Parameters drawn with numpy into `nnx.eval_shape`'s structure (norms 1, gate bias 0):
+    initialising through jax.random compiles one program per shape, tens of seconds on a busy CPU."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    for path, var in nnx.to_flat_state(state):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if len(path) > 1 and "norm" in str(path[-2]):
+            value = np.ones(shape)
+        elif path[-1] == "bias":  # the gate's balancing bias
+            value = np.zeros(shape)
+        else:
+            value = cfg.init_std * rng.standard_normal(shape)
+        var.set_value(jnp.asarray(value, dtype))
+    return nnx.merge(graphdef, state)
+
+
+def drafty_model(cfg: ModelConfig, head_scale: float = 1.0, seed: int = 0) -> Transformer:
+    """A random model whose MTP modules are decent drafters: unit-scale embeddings, a head whose
+    row for token perm[t] is t's embedding (so "next = perm[current]" plus what the blocks add),
+    and eh_proj passing the embedding half through, so MTP-k guesses perm applied to token i+k."""
+    model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    D, V = cfg.dim, cfg.vocab_size
+    emb = rng.standard_normal((V, D))
+    head = np.zeros((V, D))
+    head[rng.permutation(V)] = emb
+    model.embed.weight[...] = jnp.asarray(emb, model.embed.weight.dtype)
+    model.head[...] = jnp.asarray(head_scale * head, model.head.dtype)
+    pass_embedding = np.concatenate([np.eye(D), np.zeros((D, D))], axis=1)
+    for m in model.mtp:
+        m.eh_proj.weight[...] = jnp.asarray(pass_embedding, m.eh_proj.weight.dtype)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return drafty_model(CFG)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, cache_dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def greedy(engine):
+    return engine.generate(PROMPTS, max_new_tokens=NEW)
+
+
+forward = nnx.jit(lambda m, t: m.forward(t))
+cached = nnx.jit(forward_cached, static_argnames="kv_len")
+project = nnx.jit(lambda m, h: m.project(h, m.norm))
+cached_mtp = nnx.jit(mtp_forward, static_argnums=1, static_argnames="kv_len")
+mtp_project = nnx.jit(lambda m, k, h: m.project(h, m.mtp[k].norm), static_argnums=1)
+absorbed = nnx.jit(absorbed_attention, static_argnames="kv_len")
+naive_mla = nnx.jit(lambda mla, x, p: mla(x, *rope_tables(CFG, p), causal_mask(p, p)))
+trunk_norm = nnx.jit(lambda m, t, p: m.norm(m.trunk(t, p)[0]))
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+def test_cache_bytes_per_token_follow_the_mla_formula():
+    cache = init_cache(CFG, 2, 32, jnp.bfloat16, n_mtp=1)
+    assert bytes_per_token(cache) == (16 + 8) * 3 * 2 == formula_bytes_per_token(CFG) == CFG.kv_cache_bytes_per_token
+    assert bytes_per_token(cache, include_mtp=True) == (16 + 8) * 4 * 2
+    assert bytes_per_token(init_cache(CFG, 2, 32, jnp.float32)) == 2 * 144
+    v3 = preset("v3_671b")
+    abstract = jax.eval_shape(lambda: init_cache(v3, 1, 4096, jnp.bfloat16, n_mtp=1))
+    assert bytes_per_token(abstract) == formula_bytes_per_token(v3) == 70_272  # ISCA '25 Table 1
+    assert bytes_per_token(abstract, include_mtp=True) == 70_272 + 576 * 2
+    assert [c.c_kv.shape for c in abstract.layers] == [(3, 1, 4096, 512), (58, 1, 4096, 512)]
+    assert [c.k_pe.shape for c in abstract.layers] == [(3, 1, 4096, 64), (58, 1, 4096, 64)]
+
+
+@pytest.mark.parametrize("fp8_weights", [False, True])
+def test_v3_671b_prefill_and_speculative_step_trace_without_memory(fp8_weights):
+    """jax.eval_shape of the programs at full size (FP8-stored weights: wkv_b is dequantized for
+    absorption), with the 61-layer latent cache of 3 dense + 58 MoE layers and one MTP module."""
+    cfg = preset("v3_671b", fp8_weights=fp8_weights)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    s = SamplingConfig(temperature=0.7, top_p=0.9)
+    state = jax.eval_shape(lambda: programs.empty_state(cfg, 2, 4096, n_draft=1, sampling=s,
+                                                       cache_dtype=jnp.bfloat16, hidden_dtype=jnp.bfloat16))
+    new, out = jax.eval_shape(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(1),
+                                                          n_draft=1, sampling=s), params, state)
+    assert out.tokens.shape == (2, 2) and new.draft_probs.shape == (2, 1, cfg.vocab_size)
+    assert [c.c_kv.shape for c in new.cache.layers] == [(3, 2, 4096, 512), (58, 2, 4096, 512)]
+    assert new.cache.mtp[0].k_pe.shape == (1, 2, 4096, 64) and new.cache.mtp[0].k_pe.dtype == jnp.bfloat16
+    rows, first = jax.eval_shape(
+        lambda p: programs.prefill(graphdef, p, jnp.zeros((2, 64), jnp.int32), jnp.array([3, 64]), jnp.arange(2),
+                                   jnp.array([5, 5]), jax.random.key(0), jnp.int32(1), n_draft=1, sampling=s,
+                                   cache_dtype=jnp.dtype(jnp.bfloat16)), params)
+    assert rows.cache.layers[1].c_kv.shape == (58, 2, 64, 512) and first.tokens.shape == (2, 1)
+
+
+# ---- absorbed attention ----------------------------------------------------------------------------
+def _first_moe_block(model):
+    graphdef, state = nnx.split(model.moe_layers.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+
+def _shapes(jaxpr, out=None):
+    """Every intermediate shape in a jaxpr, sub-jaxprs (scan, pjit, cond) included."""
+    out = set() if out is None else out
+    for eqn in jaxpr.eqns:
+        out.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for val in eqn.params.values():
+            for sub in val if isinstance(val, (tuple, list)) else (val,):
+                if hasattr(sub, "eqns"):
+                    _shapes(sub, out)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    _shapes(sub.jaxpr, out)
+    return out
+
+
+def test_absorbed_attention_equals_naive_and_never_expands_the_cache(model):
+    mla = _first_moe_block(model).attn
+    B, S, T = 2, 10, 16
+    x = jax.random.normal(jax.random.key(3), (B, S, CFG.dim))
+    pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+    cos, sin = rope_tables(CFG, pos)
+    naive = naive_mla(mla, x, pos)
+    empty = LatentCache(jnp.zeros((1, B, T, CFG.kv_lora_rank)), jnp.zeros((1, B, T, CFG.qk_rope_head_dim)))
+    out, cache = absorbed(mla, x, cos, sin, pos, empty, 0, kv_len=T)
+    np.testing.assert_allclose(out, naive, rtol=1e-5, atol=1e-5)
+    c_kv, k_pe = mla.latent(x, cos, sin)
+    np.testing.assert_allclose(cache.c_kv[0, :, :S], c_kv, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cache.k_pe[0, :, :S], k_pe, rtol=1e-6, atol=1e-6)
+    assert not cache.c_kv[0, :, S:].any()
+    # one more token at position S against the cache == naive attention over S+1 tokens
+    x1 = jax.random.normal(jax.random.key(4), (B, 1, CFG.dim))
+    pos1 = jnp.full((B, 1), S)
+    step, _ = absorbed(mla, x1, *rope_tables(CFG, pos1), pos1, cache, 0, kv_len=T)
+    xs, ps = jnp.concatenate([x, x1], 1), jnp.broadcast_to(jnp.arange(S + 1), (B, S + 1))
+    full = naive_mla(mla, xs, ps)
+    np.testing.assert_allclose(step[:, 0], full[:, S], rtol=1e-5, atol=1e-5)
+
+    # The compiled decode step holds no per-head key or value over the T cache slots, while the
+    # expanded (training) attention does: the check below can tell them apart.
+    H, N, R, Dv = CFG.n_heads, CFG.qk_nope_head_dim, CFG.qk_rope_head_dim, CFG.v_head_dim
+    Bd, Td = 3, 64
+    expanded = {(Bd, Td, H, N), (Bd, Td, H, Dv), (Bd, Td, H * (N + Dv)), (Bd, Td, H, N + R)}
+    graphdef, params = nnx.split(model)
+    state = programs.empty_state(CFG, Bd, Td, n_draft=1, sampling=SamplingConfig(), cache_dtype=jnp.bfloat16,
+                                 hidden_dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(-1),
+                                                      n_draft=1, sampling=SamplingConfig()))(params, state)
+    assert not _shapes(jaxpr.jaxpr) & expanded
+    xd = jnp.zeros((Bd, Td, CFG.dim))
+    pd = jnp.broadcast_to(jnp.arange(Td), (Bd, Td))
+    naive_jaxpr = jax.make_jaxpr(lambda x: mla(x, *rope_tables(CFG, pd), causal_mask(pd, pd)))(xd)
+    assert _shapes(naive_jaxpr.jaxpr) & expanded
+
+
+# ---- prefill + decode == teacher forcing ------------------------------------------------------------
+def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model):
+    """Right-padded prefill of prompts of lengths 5 and 8, then 4 single-token steps, each fed the
+    true next token: every logit equals the full forward's (float32, 1e-4)."""
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, CFG.vocab_size)
+    want = np.asarray(forward(model, tokens).logits)
+    lengths = np.array([5, 8])
+    prompt = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], 0)  # right padding
+    cache = init_cache(CFG, 2, 16, jnp.float32)
+    h, cache = cached(model, cache, prompt, jnp.broadcast_to(jnp.arange(8), (2, 8)), kv_len=8)
+    logits = np.asarray(project(model, h))
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(logits[b, :n], want[b, :n], rtol=1e-4, atol=1e-4)
+    rows = np.arange(2)
+    for k in range(4):
+        pos = lengths + k
+        h, cache = cached(model, cache, tokens[rows, pos][:, None], jnp.asarray(pos)[:, None], kv_len=16)
+        np.testing.assert_allclose(project(model, h)[:, 0], want[rows, pos], rtol=1e-4, atol=1e-4)
+
+
+def test_cached_mtp_modules_equal_the_training_forward(model):
+    """MTP depth 1 and 2 over a whole window, then depth 1 one position at a time, against the
+    training forward's mtp_logits."""
+    S = 12
+    tokens = jax.random.randint(jax.random.key(6), (2, S), 0, CFG.vocab_size)
+    out = forward(model, tokens)
+    pos = jnp.broadcast_to(jnp.arange(S), (2, S))
+    hn = trunk_norm(model, tokens, pos)
+
+    def empty():
+        return LatentCache(jnp.zeros((1, 2, 16, CFG.kv_lora_rank)), jnp.zeros((1, 2, 16, CFG.qk_rope_head_dim)))
+
+    prev = hn
+    for k in range(2):
+        nxt = jnp.concatenate([tokens[:, k + 1:], jnp.zeros((2, k + 1), tokens.dtype)], axis=1)
+        prev, _ = cached_mtp(model, k, prev, nxt, pos, empty(), kv_len=16)
+        got = mtp_project(model, k, prev)
+        np.testing.assert_allclose(got[:, : S - k - 1], out.mtp_logits[k][:, : S - k - 1], rtol=1e-4, atol=1e-4)
+    cache = empty()
+    for p in range(S - 1):
+        h1, cache = cached_mtp(model, 0, hn[:, p:p + 1], tokens[:, p + 1:p + 2], pos[:, p:p + 1], cache, kv_len=16)
+        np.testing.assert_allclose(mtp_project(model, 0, h1)[:, 0], out.mtp_logits[0][:, p], rtol=1e-4, atol=1e-4)
+
+
+# ---- generation --------------------------------------------------------------------------------------
+def test_greedy_generation_equals_argmax_of_the_full_forward(model, greedy):
+    width = max(map(len, PROMPTS)) + NEW
+    for prompt, got in zip(PROMPTS, greedy.tokens):
+        seq = list(prompt)
+        for _ in range(NEW):
+            padded = jnp.asarray([seq + [0] * (width - len(seq))])
+            seq.append(int(jnp.argmax(forward(model, padded).logits[0, len(seq) - 1])))
+        assert got == seq[len(prompt):]
+    assert greedy.stats.generated_tokens == NEW * len(PROMPTS)
+
+
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(engine, greedy):
+    for i, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], max_new_tokens=NEW, batch_size=3)  # same programs, two empty rows
+        assert alone.tokens[0] == greedy.tokens[i]
+
+
+def test_eos_stops_each_sequence_on_its_own(engine, greedy):
+    eos = greedy.tokens[1][4]
+    got = engine.generate(PROMPTS, max_new_tokens=NEW, eos_id=eos)
+    for want, toks in zip(greedy.tokens, got.tokens):
+        cut = want.index(eos) + 1 if eos in want else len(want)
+        assert toks == want[:cut]
+    assert got.tokens[1][-1] == eos and len(got.tokens[1]) == 5
+
+
+@pytest.mark.parametrize("n_draft", [1, 2])
+def test_speculative_greedy_output_is_plain_greedy(engine, greedy, n_draft):
+    spec = engine.generate(PROMPTS, max_new_tokens=NEW, speculative=n_draft)
+    assert spec.tokens == greedy.tokens
+    s = spec.stats
+    # both branches ran: some drafts were accepted, some rejected
+    assert 0.1 < s.acceptance_rate < 0.95, s
+    assert 1.0 < s.tokens_per_step <= n_draft + 1
+    assert s.steps < greedy.stats.steps
+
+
+def test_speculative_sampling_keeps_the_output_distribution():
+    """Chi-square test of 10,000 three-token continuations (vocab 8: 512 outcomes, cells with
+    expected count < 5 pooled) against the exact distribution from teacher forcing, at p > 0.001.
+    With an acceptance rate below 0.9, drafts differ from the target by TV >= 0.1 per token, so a
+    sampler that emitted drafts unchecked would be rejected with overwhelming significance."""
+    V, N = 8, 10_000
+    cfg = preset("tiny", vocab_size=V, n_mtp_modules=2, init_std=0.16, n_dense_layers=3, n_routed_experts=0)
+    model = drafty_model(cfg, head_scale=0.1)
+    s = SamplingConfig(temperature=1.0)
+    prompt = [3, 1, 4, 1]
+    L = len(prompt)
+    conts = np.array(list(itertools.product(range(V), repeat=3)), np.int32)
+    logits = forward(model, jnp.asarray(np.concatenate([np.tile(prompt, (len(conts), 1)), conts], 1))).logits
+    p = np.asarray(probabilities(logits, s))
+    r = np.arange(len(conts))
+    exact = p[r, L - 1, conts[:, 0]] * p[r, L, conts[:, 1]] * p[r, L + 1, conts[:, 2]]
+    out = Engine(model, cache_dtype=jnp.float32).generate([prompt] * N, max_new_tokens=3, sampling=s, seed=1,
+                                                          speculative=2, max_len=16)
+    assert 0.2 < out.stats.acceptance_rate < 0.9, out.stats
+    toks = np.array(out.tokens)
+    counts = np.bincount(toks[:, 0] * V * V + toks[:, 1] * V + toks[:, 2], minlength=V ** 3)
+    expected = exact * N
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert stats.chi2.sf(chi2, len(obs) - 1) > 1e-3, (chi2, len(obs) - 1)
+
+
+def test_disaggregated_prefill_and_decode_equal_the_single_program(model):
+    """Prefill on devices 0-3 (data-parallel, batch 4), decode on devices 4-7 (experts over
+    `expert`, batch 8), the latent cache handed over with device_put."""
+    devices = jax.devices()
+    prompts = [PROMPTS[i % 3][: 2 + i] for i in range(8)]
+    single = Engine(model, cache_dtype=jnp.float32).generate(prompts, max_new_tokens=6, prefill_batch_size=4)
+    disagg = Engine(model, cache_dtype=jnp.float32, prefill_mesh=make_mesh(4, 1, 1, devices[:4]),
+                    decode_mesh=make_mesh(1, 1, 4, devices[4:]))
+    w1 = disagg.decode_params["moe_layers"]["blocks"]["ffn"]["experts"]["w1"]
+    assert w1[...].sharding.spec[1] == "expert" and set(w1[...].sharding.device_set) == set(devices[4:])
+    w1 = disagg.prefill_params["moe_layers"]["blocks"]["ffn"]["experts"]["w1"]
+    assert w1[...].sharding.is_fully_replicated and set(w1[...].sharding.device_set) == set(devices[:4])
+    got = disagg.generate(prompts, max_new_tokens=6, batch_size=8, prefill_batch_size=4)
+    assert got.tokens == single.tokens
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+def _allowed(logits: np.ndarray, s: SamplingConfig) -> np.ndarray:
+    """The tokens top-k / top-p may emit, computed independently with numpy."""
+    z = logits / s.temperature
+    order = np.argsort(-z, axis=-1)
+    ok = np.zeros_like(z, bool)
+    for row in range(z.shape[0]):
+        cand = order[row][: s.top_k] if s.top_k else order[row]
+        pr = np.exp(z[row, cand] - z[row, cand].max())
+        pr /= pr.sum()
+        before = np.cumsum(pr) - pr
+        ok[row, cand[before < s.top_p]] = True
+    return ok
+
+
+@pytest.mark.parametrize("s", [SamplingConfig(1.0, top_k=5), SamplingConfig(0.7, top_p=0.6),
+                               SamplingConfig(1.3, top_k=10, top_p=0.8)])
+def test_top_k_top_p_emit_only_allowed_tokens_and_seeds_reproduce(s):
+    logits = 3 * jax.random.normal(jax.random.key(0), (16, 64))
+    ok = _allowed(np.asarray(logits), s)
+    draw = jax.jit(jax.vmap(lambda k: sample(logits, jax.random.split(k, 16), s)))
+    keys = jax.random.split(jax.random.key(1), 500)
+    got = np.asarray(draw(keys))  # [500, 16]
+    assert ok[np.arange(16), got].all()
+    assert all(len(set(got[:, r])) > 1 for r in range(16) if ok[r].sum() > 1)  # really random
+    np.testing.assert_array_equal(draw(keys), got)
+    assert np.isneginf(filter_logits(logits, s)[~ok]).all()
+
+
+def test_generation_with_a_seed_is_reproducible(engine):
+    s = SamplingConfig(temperature=1.0, top_k=20)
+    a = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=5)
+    b = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=5)
+    c = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=6)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny HF-format checkpoint with a trained byte-level BPE, and a second whose model
+    vocabulary is smaller than its tokenizer's."""
+    from dsv3_jax.hf import save_pretrained
+    from dsv3_jax.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf")
+    tok = train_tokenizer(vocab_size=320, out_dir=root / "ok", corpus_max_bytes=200_000)
+    for name, vocab in (("ok", tok.vocab_size), ("small_vocab", 260)):
+        cfg = preset("tiny", vocab_size=vocab, n_mtp_modules=1, max_seq_len=64)
+        save_pretrained(random_model(cfg.replace(init_std=0.02)), str(root / name))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (root / name / f).write_bytes((root / "ok" / f).read_bytes())
+    (root / "malformed").mkdir()
+    (root / "malformed" / "config.json").write_text("{not json")
+    return root
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "empty prompt"),
+    ("too_long", "context"),
+    ("missing", "not a checkpoint directory"),
+    ("malformed", "malformed|Expecting"),
+    ("vocab", "outside the model's vocabulary"),
+])
+def test_cli_bad_input_exits_with_a_message(hf_dir, case, match):
+    ok = str(hf_dir / "ok")
+    args = {
+        "empty": ["--hf_checkpoint", ok, "--prompt", "  "],
+        "too_long": ["--hf_checkpoint", ok, "--prompt", "the cat sat on the mat " * 40],
+        "missing": ["--hf_checkpoint", str(hf_dir / "nowhere"), "--prompt", "hi"],
+        "malformed": ["--hf_checkpoint", str(hf_dir / "malformed"), "--prompt", "hi"],
+        "vocab": ["--hf_checkpoint", str(hf_dir / "small_vocab"), "--prompt", "the quick brown fox"],
+    }[case]
+    res = _cli(*args)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("infer.py: error:") and re.search(match, last), last
+
+
+def test_cli_generates_and_reports_speed_and_acceptance(hf_dir):
+    res = _cli("--hf_checkpoint", str(hf_dir / "ok"), "--prompt", "Once upon a time", "--max_new_tokens", "8",
+               "--speculative", "mtp", "--chat", "--seed", "3", "--temperature", "0.8", "--top_p", "0.9")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    assert "tokens/s" in res.stderr and "acceptance rate" in res.stderr
+    assert "no chat template" in res.stderr
+    cfg = json.loads((hf_dir / "ok" / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
