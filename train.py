@@ -26,6 +26,13 @@ def parse_args(argv=None):
     p.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, config")
     p.add_argument("--num_cpu_devices", type=int, default=None, help="fake CPU devices (tests, dry runs)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="compile one step for the mesh without allocating the model; print per-device "
+                        "memory and the bytes each collective moves")
+    p.add_argument("--coordinator_address", default=None, help="multi-process: host:port of process 0")
+    p.add_argument("--num_processes", type=int, default=None, help="multi-process: number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="multi-process: this process's index")
+    p.add_argument("--distributed_timeout", type=int, default=300, help="multi-process start-up timeout (s)")
     return p.parse_args(argv)
 
 
@@ -45,15 +52,24 @@ from tqdm import tqdm  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.data import DataConfig, make_data  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
-from dsv3_jax.sharding import batch_sharding, make_mesh, state_shardings  # noqa: E402
+from dsv3_jax.parallel import dryrun, layout, multihost, overlap  # noqa: E402
+from dsv3_jax.parallel.pipeline import check_pipeline_layout  # noqa: E402
+from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from dsv3_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like  # noqa: E402
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from dsv3_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, lr_schedule, make_optimizer  # noqa: E402
-from dsv3_jax.train.step import greedy_sample, make_eval_step, make_train_step, split_model  # noqa: E402
+from dsv3_jax.train.step import greedy_sample, make_eval_step, split_model  # noqa: E402
 
 log = logging.getLogger("train")
+
+# ---------------------------------------------------------------------------------------------
+# Processes and XLA flags, before anything starts a JAX backend.
+if __name__ == "__main__":
+    if overlap.gpu_requested():
+        overlap.set_gpu_xla_flags()  # latency-hiding scheduler: overlap the EP all-to-all with compute
+    multihost.initialize(ARGS.coordinator_address, ARGS.num_processes, ARGS.process_id, ARGS.distributed_timeout)
 
 # ---------------------------------------------------------------------------------------------
 # Config: gin binds the frozen dataclasses and the `train` entry point (model size -> run -> overlay).
@@ -80,13 +96,18 @@ def check_layout(model: ModelConfig, run: TrainConfig, mesh: MeshConfig):
                          f"divisible by the data-parallel degree data x expert = {dp}")
     if run.seq_len > model.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={run.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}")
+    if mesh.pipeline > 1:
+        if run.grad_accum != 1:
+            raise ValueError(f"TrainConfig.grad_accum={run.grad_accum}: with MeshConfig.pipeline > 1 the "
+                             "pipeline's micro-batches (TrainConfig.pipeline_microbatches) accumulate; use 1")
+        check_pipeline_layout(model, mesh.pipeline, run.pipeline_microbatches, run.batch_size // dp, mesh.expert)
 
 
 # ---------------------------------------------------------------------------------------------
 @gin.configurable
 def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
           run: TrainConfig = gin.REQUIRED, mesh: MeshConfig = gin.REQUIRED,
-          optim: OptimConfig = gin.REQUIRED, data: DataConfig = gin.REQUIRED):
+          optim: OptimConfig = gin.REQUIRED, data: DataConfig = gin.REQUIRED, dry_run: bool = False):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
@@ -94,18 +115,25 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
 
     # ---- mesh and data ----
     mesh_ = make_mesh(mesh.data, mesh.pipeline, mesh.expert)
+    jax.set_mesh(mesh_)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
+    if dry_run:
+        print(dryrun.format_report(dryrun.report(model, run, optim, mesh_), run.batch_size * run.seq_len))
+        return None
+    in_sh = batch_sharding(mesh_, (run.batch_size, run.seq_len))
+    share, n_shares = multihost.batch_share(in_sh, (run.batch_size, run.seq_len))  # this process's rows
     ds = make_data(data, seq_len=run.seq_len, global_batch_size=run.batch_size, vocab_size=model.vocab_size,
-                   workdir=workdir, process_index=jax.process_index(), process_count=jax.process_count())
+                   workdir=workdir, process_index=share, process_count=n_shares)
 
     # ---- init (sharded by the logical-axis rules), optimizer ----
     abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(run.seed)))
     graphdef, abs_params, abs_biases = split_model(abstract)
-    p_sh, b_sh = state_shardings(abs_params, mesh_), state_shardings(abs_biases, mesh_)
+    p_sh, b_sh = layout.param_shardings(abs_params, mesh_), layout.param_shardings(abs_biases, mesh_)
     params, biases = jax.jit(lambda: split_model(Transformer(model, rngs=nnx.Rngs(run.seed)))[1:],
                              out_shardings=(p_sh, b_sh))()
     tx = make_optimizer(optim, decay_mask(abs_params))
+    opt_sh = layout.opt_shardings(jax.eval_shape(tx.init, abs_params), mesh_)  # ZeRO-1 over data x expert
     replicated = NamedSharding(mesh_, P())
-    state = {"params": params, "biases": biases, "opt": jax.jit(tx.init)(params),
+    state = {"params": params, "biases": biases, "opt": jax.jit(tx.init, out_shardings=opt_sh)(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
              "rng": jax.device_put(jax.random.key_data(jax.random.key(run.seed)), replicated)}
     # Every leaf gets a NamedSharding on the mesh (optax's init may return single-device ones).
@@ -124,12 +152,12 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     writer = MetricsWriter(workdir, resume_step=start if restored is not None else None)
 
     # ---- step ----
-    in_sh = batch_sharding(mesh_, (run.batch_size, run.seq_len))
     # Fixed in/out shardings: the state's layout never changes, so the step compiles once.
-    step_fn = jax.jit(make_train_step(graphdef, tx, run, model.n_moe_layers), donate_argnums=0,
+    step_fn = jax.jit(layout.make_step(graphdef, tx, run, model, mesh_), donate_argnums=0,
                       in_shardings=(state_sh, in_sh, None, None), out_shardings=(state_sh, None))
     eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh, in_sh))
-    put = lambda b: {k: jax.make_array_from_process_local_data(in_sh, v) for k, v in b.items()}  # noqa: E731
+    put = lambda b: {k: jax.make_array_from_process_local_data(in_sh, v, (run.batch_size, *v.shape[1:]))  # noqa: E731
+                     for k, v in b.items()}
     schedule = lr_schedule(optim)
     tokens_per_step = run.batch_size * run.seq_len
     fpt, peak = flops_per_token(model, run.seq_len), measure_peak_flops(jnp.dtype(model.dtype))
@@ -184,7 +212,7 @@ def main():
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(ARGS.workdir)
+        train(ARGS.workdir, dry_run=ARGS.dry_run)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -83,3 +83,39 @@ def batch_sharding(mesh: Mesh, shape) -> NamedSharding:
     """Sharding of a [B, S, ...] batch: B over the data-carrying axes."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq") + (None,) * (len(shape) - 2), shape, mesh,
                                                rules=RULES + ((None, None),)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-1 (V3 report §3.2: "ZeRO-1 data parallelism"): the optimizer state, unlike the parameters,
+# is also split over the data-carrying axes. Each variable keeps its parameter spec and, in
+# addition, its largest still-replicated dimension is sharded over the data axes that divide it.
+ZERO_AXES = ("data", "expert")
+
+
+def zero1_spec(spec: P, shape, mesh: Mesh, axes=ZERO_AXES) -> P:
+    """`spec` plus the largest replicated dim of `shape` sharded over the unused `axes` (all of
+    them together if they divide it, else the first single axis that does)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries for a in ((e,) if isinstance(e, str) else tuple(e or ()))}
+    free = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    for combo in ([free] if len(free) > 1 else []) + [(a,) for a in free]:
+        size = int(np.prod([mesh.shape[a] for a in combo]))
+        dims = [i for i, e in enumerate(entries) if e is None and shape[i] % size == 0]
+        if dims:
+            best = max(dims, key=lambda i: shape[i])
+            entries[best] = combo[0] if len(combo) == 1 else combo
+            return P(*entries)
+    return P(*entries)
+
+
+def opt_state_shardings(opt_state, mesh: Mesh, rules_for=lambda path: RULES):
+    """NamedShardings for an optax state (or its eval_shape): every variable that carries
+    logical_axes (Adam's mu/nu mirror the params) gets its ZeRO-1 spec; counters are replicated.
+    `rules_for(path)` picks the rules table per variable (the pipeline's layout differs)."""
+    def one(path, leaf):
+        if not isinstance(leaf, nnx.Variable):
+            return NamedSharding(mesh, P())
+        value = leaf.get_value()
+        spec = logical_to_spec(leaf.get_metadata()["logical_axes"], value.shape, mesh, rules_for(path))
+        return NamedSharding(mesh, zero1_spec(spec, value.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
