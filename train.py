@@ -96,11 +96,15 @@ def check_layout(model: ModelConfig, run: TrainConfig, mesh: MeshConfig):
                          f"divisible by the data-parallel degree data x expert = {dp}")
     if run.seq_len > model.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={run.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}")
-    if mesh.pipeline > 1:
+    if mesh.pipeline > 1 and (model.moe_impl == "ep" or mesh.expert == 1):  # the pipelined step
         if run.grad_accum != 1:
             raise ValueError(f"TrainConfig.grad_accum={run.grad_accum}: with MeshConfig.pipeline > 1 the "
                              "pipeline's micro-batches (TrainConfig.pipeline_microbatches) accumulate; use 1")
         check_pipeline_layout(model, mesh.pipeline, run.pipeline_microbatches, run.batch_size // dp, mesh.expert)
+    elif mesh.pipeline > 1:
+        print(f"warning: MeshConfig.pipeline={mesh.pipeline} with expert={mesh.expert} needs "
+              f"ModelConfig.moe_impl='ep' for the pipeline schedules; moe_impl={model.moe_impl!r} runs the "
+              "GSPMD step (layers sharded over the pipeline axis, no schedule)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +131,11 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     # ---- init (sharded by the logical-axis rules), optimizer ----
     abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(run.seed)))
     graphdef, abs_params, abs_biases = split_model(abstract)
-    p_sh, b_sh = layout.param_shardings(abs_params, mesh_), layout.param_shardings(abs_biases, mesh_)
+    p_sh, b_sh = layout.param_shardings(abs_params, mesh_, model), layout.param_shardings(abs_biases, mesh_, model)
     params, biases = jax.jit(lambda: split_model(Transformer(model, rngs=nnx.Rngs(run.seed)))[1:],
                              out_shardings=(p_sh, b_sh))()
     tx = make_optimizer(optim, decay_mask(abs_params))
-    opt_sh = layout.opt_shardings(jax.eval_shape(tx.init, abs_params), mesh_)  # ZeRO-1 over data x expert
+    opt_sh = layout.opt_shardings(jax.eval_shape(tx.init, abs_params), mesh_, model)  # ZeRO-1 over data x expert
     replicated = NamedSharding(mesh_, P())
     state = {"params": params, "biases": biases, "opt": jax.jit(tx.init, out_shardings=opt_sh)(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),

@@ -68,7 +68,7 @@ class TrainConfig:
     mtp_lambda_switch_step: int = -1  # lambda -> mtp_lambda_late from this step on; -1: never
     # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/parallel/pipeline.py)
     pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff) or "1f1b" (manual vjp, O(stages) activations)
-    pipeline_microbatches: int = 4  # micro-batches per step; divides the per-device batch
+    pipeline_microbatches: int = 0  # per step; divides the per-device batch; 0: one per sequence of it
     overlap_microbatches: bool = False  # pipeline stages run MoE layers as two interleaved halves (§2.3.1)
     # loop
     log_every: int = 1
@@ -88,7 +88,7 @@ class TrainConfig:
         _check(self, "bias_gamma", self.bias_gamma >= 0, "expected >= 0")
         _check(self, "balance_alpha", self.balance_alpha >= 0, "expected >= 0")
         _check(self, "pipeline_schedule", self.pipeline_schedule in ("gpipe", "1f1b"), "expected 'gpipe' or '1f1b'")
-        _check(self, "pipeline_microbatches", self.pipeline_microbatches >= 1, "expected a positive integer")
+        _check(self, "pipeline_microbatches", self.pipeline_microbatches >= 0, "expected >= 0 (0: automatic)")
 
     def gamma_at(self, step):
         return self.bias_gamma if self.bias_freeze_step < 0 or step < self.bias_freeze_step else 0.0

@@ -1,0 +1,96 @@
+"""`train.py --dry_run`: compile one training step for a mesh without allocating the model.
+
+Everything is abstract: the model comes from `nnx.eval_shape`, the optimizer state from
+`jax.eval_shape(tx.init)`, and the step is `jax.jit(step).lower(ShapeDtypeStructs with
+shardings).compile()` on the devices jax sees (fake CPU devices: `--num_cpu_devices N`). The report
+gives, per device: parameters, biases and optimizer state (from their shardings), XLA's memory
+analysis of the compiled step (arguments, outputs, temporaries = activations and workspace), and
+the bytes each kind of collective moves per step (`parallel.hlo.collective_bytes`; for a pipeline,
+the collectives inside its per-tick slot conditionals are weighted by the fraction of ticks the
+schedule keeps busy, M / T, with the every-tick upper bound beside them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.parallel import hlo, layout, pipeline
+from dsv3_jax.sharding import batch_sharding
+from dsv3_jax.train.config import OptimConfig, TrainConfig
+from dsv3_jax.train.optim import decay_mask, make_optimizer
+from dsv3_jax.train.step import split_model
+
+
+def per_device_bytes(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(abstract_tree):
+        total += math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_step(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compiler_options=None):
+    """-> (compiled step, abstract state with shardings). Allocates nothing of the model's size."""
+    abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(run.seed)))
+    graphdef, params, biases = split_model(abstract)
+    tx = make_optimizer(optim, decay_mask(params))
+    state = {"params": params, "biases": biases, "opt": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    sh = layout.state_shardings(state, mesh, model)
+    state = layout.abstract(state, sh)
+    in_sh = batch_sharding(mesh, (run.batch_size, run.seq_len))
+    tok = jax.ShapeDtypeStruct((run.batch_size, run.seq_len), jnp.int32, sharding=in_sh)
+    step = jax.jit(layout.make_step(graphdef, tx, run, model, mesh), donate_argnums=0,
+                   in_shardings=(sh, in_sh, None, None), out_shardings=(sh, None))
+    with jax.set_mesh(mesh):
+        lowered = step.lower(state, {"inputs": tok, "targets": tok}, 1e-3, 0.3)
+        return lowered.compile(compiler_options), state
+
+
+def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compiler_options=None) -> dict:
+    t0 = time.perf_counter()
+    compiled, state = compile_step(model, run, optim, mesh, compiler_options)
+    mem = compiled.memory_analysis()
+    busy = 1.0  # the pipeline's slot conditionals run their collectives on M of T ticks
+    if layout.pipelined(mesh, model):
+        M = pipeline.resolve_microbatches(run.pipeline_microbatches, run.batch_size, mesh)
+        busy = M / pipeline.schedule_table(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M).shape[1]
+    text = compiled.as_text()
+    return {
+        "mesh": dict(mesh.shape),
+        "compile_s": time.perf_counter() - t0,
+        "params": per_device_bytes(state["params"]),
+        "biases": per_device_bytes(state["biases"]),
+        "opt": per_device_bytes(state["opt"]),
+        "xla": {k: getattr(mem, k + "_size_in_bytes", None) for k in ("argument", "output", "alias", "temp")},
+        "collectives": hlo.collective_bytes(text, cond_weight=busy),
+        "collectives_upper": hlo.collective_bytes(text),
+        "busy": busy,
+    }
+
+
+def format_report(r: dict, tokens_per_step: int) -> str:
+    fb = hlo.format_bytes
+    lines = [f"dry run: mesh {r['mesh']} ({math.prod(r['mesh'].values())} devices), compiled in {r['compile_s']:.0f} s",
+             "per device:",
+             f"  parameters          {fb(r['params'])}",
+             f"  router biases       {fb(r['biases'])}",
+             f"  optimizer (ZeRO-1)  {fb(r['opt'])}"]
+    x = r["xla"]
+    lines += [f"  XLA arguments       {fb(x['argument'])}  (state + batch)",
+              f"  XLA temporaries     {fb(x['temp'])}  (activations, gradients, workspace)",
+              f"  XLA outputs         {fb(x['output'])}  (aliased with donated inputs: {fb(x['alias'])})",
+              f"collectives per step and device ({tokens_per_step} tokens per step; "
+              f"pipeline slots busy {r['busy']:.2f} of ticks; upper bound: every slot busy):"]
+    for op, c in sorted(r["collectives"].items()):
+        up = r["collectives_upper"][op]
+        lines.append(f"  {op:20s} {c['count']:8.1f} x  {fb(c['bytes']):>10s}   (upper bound {fb(up['bytes'])}; "
+                     f"as the CPU executable moves them {fb(c['cpu_bytes'])})")
+    return "\n".join(lines)

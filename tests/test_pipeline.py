@@ -1,0 +1,67 @@
+"""Pipeline schedules: tick tables and bubbles against their formulas, and activation memory (XLA's
+compiled temporaries) growing with the micro-batch count for GPipe but not for 1F1B."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax.config import preset
+from dsv3_jax.model import Transformer
+from dsv3_jax.parallel import layout, pipeline
+from dsv3_jax.sharding import batch_sharding, make_mesh
+from dsv3_jax.train.step import split_model
+
+COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@pytest.mark.parametrize("P", [2, 4, 16])
+@pytest.mark.parametrize("M", [1, 4, 8, 32])
+def test_schedule_tables_and_bubbles(P, M):
+    g = pipeline.schedule_table("gpipe", P, M)
+    f = pipeline.schedule_table("1f1b", P, M)
+    assert g.shape == (P, M + P - 1, 2) and f.shape == (P, M + 2 * P - 2, 2)
+    for table in (g, f):  # every stage runs every micro-batch once forward (and once backward)
+        np.testing.assert_array_equal(table[..., 0].sum(1), M)
+    np.testing.assert_array_equal(f[..., 1].sum(1), M)
+    # GPipe: (P-1)/(M+P-1) of the stage-ticks idle, the textbook bubble
+    assert float(pipeline.bubble(g)) == pytest.approx((P - 1) / (M + P - 1))
+    # lockstep 1F1B: a forward and a backward slot per tick, (2P-2)/(M+2P-2) of them idle...
+    assert float(pipeline.bubble(f)) == pytest.approx((2 * P - 2) / (M + 2 * P - 2))
+    # ...but no backward runs in the first P-1 ticks and no forward in the last P-1, so with those
+    # slots skipped the time is (M+P-1)(F+B): the textbook 1F1B bubble (P-1)/(M+P-1) for any F, B
+    for F, B in ((1.0, 1.0), (1.0, 2.0)):
+        busy = f.any(axis=0)  # [T, 2]: does any stage run a forward / backward this tick
+        time = (busy[:, 0] * F + busy[:, 1] * B).sum()
+        assert 1 - M * (F + B) / time == pytest.approx((P - 1) / (M + P - 1))
+    # 1F1B keeps at most 2P-1 micro-batch inputs per stage (its ring), GPipe all M
+    live = [(f[s, :, 0].cumsum() - f[s, :, 1].cumsum()).max() for s in range(P)]
+    assert max(live) <= 2 * P - 1
+
+
+def _temp_bytes(schedule, M, mesh):
+    cfg = preset("tiny", n_layers=3, n_mtp_modules=0, vocab_size=128, max_seq_len=64, moe_impl="ep",
+                 ep_dispatch="fp32", ep_combine="fp32")
+    graphdef, params, biases = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    params = layout.abstract(params, layout.param_shardings(params, mesh))
+    biases = layout.abstract(biases, layout.param_shardings(biases, mesh))
+    B, S = M * 4, 64  # one sequence per device per micro-batch (data x expert = 4)
+    tok = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sharding(mesh, (B, S)))
+    f = pipeline.make_loss_and_grads(graphdef, cfg, mesh, schedule=schedule, microbatches=M, alpha=1e-4)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(f).lower(params, biases, {"inputs": tok, "targets": tok}, 0.3).compile(COMPILE)
+    return compiled.memory_analysis().temp_size_in_bytes, S * cfg.dim * 4  # and one stage input's bytes
+
+
+@pytest.mark.slow
+def test_1f1b_activation_memory_does_not_grow_with_microbatches():
+    mesh = make_mesh(1, 2, 4)
+    growth = {}
+    for schedule in pipeline.SCHEDULES:
+        small, x_bytes = _temp_bytes(schedule, 2, mesh)
+        large, _ = _temp_bytes(schedule, 10, mesh)
+        growth[schedule] = large - small
+    # GPipe's autodiff keeps every tick's stage input (8 more micro-batches -> >= 8 more inputs);
+    # 1F1B's stash is a ring of 2P-1 inputs whatever M is
+    assert growth["gpipe"] >= 8 * x_bytes, growth
+    assert growth["1f1b"] < x_bytes, growth
