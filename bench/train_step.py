@@ -1,0 +1,70 @@
+"""Training-step throughput of a preset on this machine, against this machine's own matmul FLOP/s.
+
+    python bench/train_step.py                   # the `small` preset (~100M parameters), batch 4 x 256
+    python bench/train_step.py --preset tiny --batch 8 --seq 128
+
+Prints tokens/s, achieved model FLOP/s (6 x activated matmul params + attention, per token, from
+the config) and the ratio to a large float32 matmul's FLOP/s measured in the same run (the
+achievable peak of this device), i.e. the MFU against a same-run baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv3_jax import Transformer, preset  # noqa: E402
+from dsv3_jax.train.config import TrainConfig  # noqa: E402
+from dsv3_jax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
+from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--moe_impl", default="tiled", help="tiled is the fast dropless form on XLA:CPU")
+    args = p.parse_args()
+    cfg = preset(args.preset, moe_impl=args.moe_impl)
+    graphdef, params, biases = split_model(nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))())
+    tx = optax.adamw(1e-4)
+    state = {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    step = jax.jit(make_train_step(graphdef, tx, TrainConfig(batch_size=args.batch, seq_len=args.seq),
+                                   cfg.n_moe_layers), donate_argnums=0)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    t0 = time.perf_counter()
+    state, m = step(state, batch, 1e-3, 0.3)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, m = step(state, batch, 1e-3, 0.3)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / args.steps
+    tok_s = args.batch * args.seq / dt
+    fpt = flops_per_token(cfg, args.seq)
+    peak = measure_peak_flops(jnp.float32, n=1024)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"preset {args.preset} ({n_params / 1e6:.1f}M params, moe_impl={args.moe_impl}), batch {args.batch} x "
+          f"{args.seq}, device {jax.devices()[0].device_kind} x {jax.device_count()}")
+    print("| step time | tokens/s | model GFLOP/token | achieved GFLOP/s | matmul GFLOP/s (same run) | ratio |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {dt * 1e3:.0f} ms | {tok_s:.0f} | {fpt / 1e9:.3f} | {tok_s * fpt / 1e9:.1f} | {peak / 1e9:.1f} | "
+          f"{tok_s * fpt / peak:.3f} |")
+    print(f"(first step incl. compile: {compile_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
