@@ -114,7 +114,7 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
           optim: OptimConfig = gin.REQUIRED, data: DataConfig = gin.REQUIRED, dry_run: bool = False):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+        f.write(gin.operative_config_str())
     check_layout(model, run, mesh)
 
     # ---- mesh and data ----
