@@ -16,7 +16,6 @@ so it runs anywhere, even while training is still appending to the file.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import sys
@@ -26,20 +25,9 @@ from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from dsv3_jax.train.metrics import read_records
+
 N_SNAPSHOTS = 4  # heatmaps across the run: evenly spaced, always including the last
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    """Records with an integer step, in file order; torn or foreign lines are skipped."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            records.append(rec)
-    return records
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +132,7 @@ def make_plots(workdir, out=None) -> list[pathlib.Path]:
     metrics = pathlib.Path(workdir) / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
-    records = read_metrics(metrics)
+    records = read_records(metrics)
     out = pathlib.Path(out) if out is not None else pathlib.Path(workdir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     return [out / name for name, plot in PLOTS.items() if plot(records, out / name)]

@@ -269,11 +269,11 @@ class TestMosaicGpuCompiled(_MosaicGpuCases):
     @pytest.fixture(autouse=True)
     def _needs_gpu(self):
         if jax.default_backend() != "gpu":
-            pytest.skip("compiled Mosaic GPU kernels need jax.default_backend() == 'gpu' "
+            pytest.skip(reason="compiled Mosaic GPU kernels need jax.default_backend() == 'gpu' "
                         f"(got {jax.default_backend()!r}); TestMosaicGpuInterpret runs "
                         "the same body in GPU interpret mode")
         if not fp8_matmul_mgpu.HAS_MGPU:
-            pytest.skip("jax.experimental.pallas.mosaic_gpu is not importable")
+            pytest.skip(reason="jax.experimental.pallas.mosaic_gpu is not importable")
 
 
 class TestMosaicGpuInterpret(_MosaicGpuCases):
@@ -282,7 +282,7 @@ class TestMosaicGpuInterpret(_MosaicGpuCases):
     @pytest.fixture(autouse=True)
     def _needs_mgpu(self):
         if not fp8_matmul_mgpu.HAS_MGPU:
-            pytest.skip("jax.experimental.pallas.mosaic_gpu is not importable")
+            pytest.skip(reason="jax.experimental.pallas.mosaic_gpu is not importable")
         yield
         # The simulator must be reset after an exception inside it (see the
         # InterpretGPUParams docstring), or later tests inherit its state.  The

@@ -43,7 +43,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_records(path: pathlib.Path) -> list[dict]:
+def read_records(path: pathlib.Path) -> list[dict]:
     """All well-formed records; a torn last line from a kill mid-write is skipped."""
     records = []
     if path.exists():
@@ -85,7 +85,7 @@ class MetricsWriter:
     def _truncate(self, keep_until: int) -> None:
         if not self.path.exists():
             return
-        records = _read_records(self.path)
+        records = read_records(self.path)
         kept = [r for r in records if r["step"] <= keep_until]
         if len(kept) < len(records):
             logger.warning("%s: dropping %d records after step %d (they will be logged again)",
