@@ -56,7 +56,7 @@ from dsv3_jax.parallel import dryrun, layout, multihost, overlap  # noqa: E402
 from dsv3_jax.parallel.pipeline import check_pipeline_layout  # noqa: E402
 from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-from dsv3_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like  # noqa: E402
+from dsv3_jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, abstract_like  # noqa: E402
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from dsv3_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, lr_schedule, make_optimizer  # noqa: E402
@@ -218,6 +218,9 @@ def main():
     try:
         train(ARGS.workdir, dry_run=ARGS.dry_run)
     except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as e:  # e.g. every checkpoint in the workdir is unreadable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:

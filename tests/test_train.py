@@ -157,3 +157,22 @@ def test_infer_decodes_from_a_training_workdir(reference):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "4 tokens" in out.stderr and "tokens/s" in out.stderr
+
+
+def _destroy_arrays(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for f in files:
+            if not f.startswith("_"):
+                open(os.path.join(root, f), "wb").close()
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_stops_with_a_clear_message(reference, tmp_path, cache):
+    wd = tmp_path / "all_corrupt"
+    shutil.copytree(reference, wd)
+    for d in (wd / "checkpoints").iterdir():
+        if d.name.isdigit():
+            _destroy_arrays(d)
+    out = run(wd, "train.num_steps = 8", cache=cache, check=False)
+    assert out.returncode == 2 and "no readable checkpoint" in out.stderr
+    assert "Traceback" not in out.stderr
