@@ -79,6 +79,10 @@ class ModelConfig:
     # Embedding, head, gate, norms and the attention core stay in higher precision either way.
     fp8: bool = False
     fp8_weights: bool = False
+    # which block-scaled GEMM runs them: "auto" (Mosaic GPU kernel on GPU, Pallas on TPU, the jnp
+    # reference on CPU), or "reference" / "pallas" / "mosaic_gpu" by name (grouped MoE GEMMs: the
+    # Pallas kernel on TPU, else the reference)
+    fp8_kernel: str = "auto"
     attn_impl: str = "reference"
 
     def __post_init__(self):
@@ -136,13 +140,18 @@ class ModelConfig:
             bad("ep_capacity_factor", "expected >= 0 (0: worst-case capacity, nothing dropped)")
         if self.ep_transport not in ("all_to_all", "ragged_all_to_all"):
             bad("ep_transport", "expected 'all_to_all' or 'ragged_all_to_all'")
+        if self.fp8_kernel not in ("auto", "reference", "pallas", "mosaic_gpu"):
+            bad("fp8_kernel", "expected 'auto', 'reference', 'pallas' or 'mosaic_gpu'")
         if self.attn_impl not in ("reference",):
             bad("attn_impl", "expected 'reference'")
 
     # ---- derived values --------------------------------------------------------------------
     @property
     def linear_impl(self) -> str:
-        return "fp8" if self.fp8 else "default"
+        """The layers' matmul: "default", or "fp8" / "fp8:<kernel>" (layers.linear parses it)."""
+        if not self.fp8:
+            return "default"
+        return "fp8" if self.fp8_kernel == "auto" else f"fp8:{self.fp8_kernel}"
 
     @property
     def qk_head_dim(self) -> int:

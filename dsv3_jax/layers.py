@@ -30,21 +30,26 @@ class Fp8Scale(nnx.Variable):
     """weight_scale_inv of an e4m3 weight: one float32 per 128x128 block (DeepSeek's FP8 checkpoints)."""
 
 
+def fp8_kernel(impl: str) -> str:
+    """"fp8" -> "auto", "fp8:reference" -> "reference"."""
+    return impl.partition(":")[2] or "auto"
+
+
 def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", scale=None) -> jax.Array:
     """y = x @ weight.T with weight (N, K). The one seam through which every projection goes.
 
-    impl "default": a plain matmul in `dtype`. impl "fp8": DeepSeek's FP8 training GEMMs
-    (1x128 activation tiles, 128x128 weight blocks, FP32 promotion; custom VJP with FP8 Dgrad and
-    Wgrad). A `scale` means the weight is stored in e4m3 and goes straight to the block-scaled
+    impl "default": a plain matmul in `dtype`. impl "fp8" (or "fp8:<kernel>" to name the GEMM
+    kernel, see ModelConfig.fp8_kernel): DeepSeek's FP8 training GEMMs (1x128 activation tiles,
+    128x128 weight blocks, FP32 promotion; custom VJP with FP8 Dgrad and Wgrad). A `scale` means the weight is stored in e4m3 and goes straight to the block-scaled
     matmul, activations quantized on the fly (FP8 inference).
     """
     if scale is not None:
         xq, xs = quantize_act_1x128(x.astype(dtype))
         return fp8_block_matmul(xq, xs, weight, scale, out_dtype=jnp.float32).astype(dtype)
-    if impl == "fp8":
-        return fp8_linear(x.astype(dtype), weight.astype(dtype))
+    if impl.startswith("fp8"):
+        return fp8_linear(x.astype(dtype), weight.astype(dtype), fp8_kernel(impl))
     if impl != "default":
-        raise ValueError(f"linear impl={impl!r}: expected 'default' or 'fp8'")
+        raise ValueError(f"linear impl={impl!r}: expected 'default', 'fp8' or 'fp8:<kernel>'")
     return jnp.einsum("...k,nk->...n", x.astype(dtype), weight.astype(dtype))
 
 

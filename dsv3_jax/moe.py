@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, fp8_weight, normal_param
+from dsv3_jax.layers import MLP, fp8_kernel, fp8_weight, normal_param
 from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
 
@@ -85,8 +85,10 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
     if scale is not None:
         aq, as_ = quantize_act_1x128(a.astype(dtype))
         return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
-    if impl == "fp8":
-        return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes)
+    if impl.startswith("fp8"):  # no grouped Mosaic GPU kernel yet: "mosaic_gpu" means "auto" here
+        kernel = fp8_kernel(impl)
+        return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes,
+                                  "auto" if kernel == "mosaic_gpu" else kernel)
     if impl == "tiled":
         return tiled_grouped_matmul(a.astype(dtype), w.astype(dtype), group_sizes)
     # ragged_dot wants (E, in, out)

@@ -112,10 +112,14 @@ def _kernel_body(x_g, xs_g, w_g, ws_g, o_g, o_smem, *, block_m, block_n, num_k,
         return pl.run_scoped(mma, plgpu.ACC((block_m, block_n), jnp.float32))
 
     def promote(carry, part, ki):
-        # FP32 promotion with the scales (DeepGEMM's CUDA-core FMAs).
-        sx = plgpu.load(xs_g.at[ki, pl.ds(pm * block_m, block_m)], layout=row_layout)
+        # FP32 promotion with the scales (DeepGEMM's CUDA-core FMAs).  The scale vectors
+        # come straight from GMEM in the accumulator's row / column layout; the compiled
+        # lowering has only an unoptimized path for GMEM -> registers, hence optimized=False.
+        sx = plgpu.load(xs_g.at[ki, pl.ds(pm * block_m, block_m)], layout=row_layout,
+                        optimized=False)
         if column_scales:
-            sw = plgpu.load(ws_g.at[ki, pl.ds(pn * block_n, block_n)], layout=col_layout)
+            sw = plgpu.load(ws_g.at[ki, pl.ds(pn * block_n, block_n)], layout=col_layout,
+                            optimized=False)
             scale = (lax.broadcast_in_dim(sx, part.shape, [0])
                      * lax.broadcast_in_dim(sw, part.shape, [1]))
         else:  # one scalar per 128x128 weight block: fold it into the row vector

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What a lent GPU session runs (the device tool's image: python3 with jax 0.11.2, flax,
+# optax, orbax). Wheels for the packages the image lacks travel in .whl/ (see
+# docs/BENCHMARKS.md). Logs go to $OUT (or ./gpu_logs). Usage: bash bench/gpu_session.sh STEP...
+#   env      versions and the GPU
+#   tests    the fp8 kernel tests compiled for the GPU (-m gpu)
+#   bench    bench/fp8_matmul.py at DeepSeek's shapes
+#   sweep    the Mosaic kernel's tile sweep at 4096x7168x7168
+#   train N  bench/fp8_training.py, small preset, N steps
+set -u
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+while [ $# -gt 0 ]; do
+  step=$1; shift
+  echo "=== $step $(date -u +%FT%TZ)"
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
+      python3 -c "import jax, flax, optax, orbax.checkpoint; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+      python3 -c "import gin, grain, tensorboardX, tokenizers, safetensors; print('train deps ok')" ;;
+    tests)
+      JAX_PLATFORMS=cuda XLA_FLAGS= timeout 150 python3 -m pytest -q -p no:cacheprovider \
+        -m gpu tests/test_fp8_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+    bench)
+      timeout 240 python3 bench/fp8_matmul.py 2>&1 | tee "$OUT/bench.log" ;;
+    sweep)
+      timeout 120 python3 -m pallas_kernels.fp8_matmul_mgpu 2>&1 | tee "$OUT/sweep.log" ;;
+    train)
+      n=$1; shift
+      timeout 480 python3 bench/fp8_training.py --preset small --steps "$n" --batch 16 --seq 256 --fp8-kernels "${FP8_KERNELS:-auto}" --bf16-runs "${BF16_RUNS:-1}" \
+        --plot "$OUT/fp8_training_small.png" 2>&1 | tee "$OUT/train.log" | grep -v "^I0000" | tail -30 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
