@@ -46,14 +46,18 @@ H100_FP8_PEAK_TFLOPS = 1979.0   # dense, SXM
 
 
 def timed(fn, *args, iters):
-    """Median wall time (s) of fn(*args) after one warm-up (compile) call."""
+    """Seconds per call of fn(*args): the median over 5 rounds of `iters` back-to-back
+    calls (dispatch is asynchronous, so launch overhead hides behind the previous call;
+    one host sync per round), after a warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
+    rounds = []
+    for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - t0) / iters)
+    return statistics.median(rounds)
 
 
 def _dot_nt(a, b, out_dtype):
@@ -121,6 +125,9 @@ def main():
     ap.add_argument("--cpu-small", action="store_true",
                     help="small shapes, kernels in interpret mode (automatic on CPU)")
     ap.add_argument("--impl", default=None, choices=["mosaic_gpu", "pallas", "reference"])
+    ap.add_argument("--mosaic-variants", default="ws,simple",
+                    help="Fp8MatmulTuning.mosaic_variant values to time (mosaic_gpu only)")
+    ap.add_argument("--steps", type=int, default=None, help="max_concurrent_steps")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--block-m", type=int, default=None)
     ap.add_argument("--block-n", type=int, default=128)
@@ -134,20 +141,25 @@ def main():
     shapes = SMALL_SHAPES if small else FULL_SHAPES
     print(f"backend={backend} device={jax.devices()[0].device_kind} jax={jax.__version__} "
           f"mode={'cpu-small (interpret; timings meaningless)' if small else 'full'}")
-    head = (f"{'impl':<11}{'M':>6}{'N':>7}{'K':>7}{'kernel TF/s':>13}{'bf16 TF/s':>11}"
+    head = (f"{'impl':<14}{'M':>6}{'N':>7}{'K':>7}{'kernel TF/s':>13}{'bf16 TF/s':>11}"
             f"{'fp8/t TF/s':>12}{'lt-f8':>7}{'k/bf16':>8}{'err_ref':>10}{'q_block':>9}"
             f"{'q_tensor':>10}")
     if backend == "gpu" and not small:
         head += f"{'%fp8pk':>8}"
     print(head)
     key = jax.random.key(0)
-    for impl in impls:
+    runs = [(impl, v) for impl in impls
+            for v in (args.mosaic_variants.split(",") if impl == "mosaic_gpu" else ["auto"])]
+    for impl, variant in runs:
+        label = impl if variant == "auto" else f"{impl[:6]}:{variant}"
         for m, n, k in shapes:
             bm = args.block_m or (64 if m <= 64 else 128)
-            tuning = Fp8MatmulTuning(block_m=bm, block_n=args.block_n)
+            tuning = Fp8MatmulTuning(block_m=bm, block_n=args.block_n, mosaic_variant=variant,
+                                     max_concurrent_steps=args.steps or
+                                     (4 if variant in ("ws", "auto") else 2))
             interpret = True if small and impl != "reference" else None
             r = bench_shape(m, n, k, impl, tuning, interpret, iters, key)
-            line = (f"{impl:<11}{m:>6}{n:>7}{k:>7}{r['kernel']:>13.3f}{r['bf16']:>11.3f}"
+            line = (f"{label:<14}{m:>6}{n:>7}{k:>7}{r['kernel']:>13.3f}{r['bf16']:>11.3f}"
                     f"{r['fp8']:>12.3f}{'yes' if r['lt_f8'] else 'no':>7}"
                     f"{r['kernel'] / r['bf16']:>8.2f}{r['err_ref']:>10.1e}"
                     f"{r['q_block']:>9.1e}{r['q_tensor']:>10.1e}")

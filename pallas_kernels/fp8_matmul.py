@@ -46,13 +46,17 @@ IMPLS = ("auto", "reference", "pallas", "mosaic_gpu")
 class Fp8MatmulTuning:
     """Tile sizes; K is always tiled by 128 (the scale and promotion width).
 
-    block_m, block_n: output tile.  max_concurrent_steps: TMA pipeline depth
-    (mosaic_gpu).  pallas_variant: "k_loop" | "k_grid" | "auto" (k_grid on TPU).
+    block_m, block_n: output tile (mosaic "ws": block_n is each consumer warpgroup's
+    width, the CTA tile is 128 x block_n, or 64 x 2 block_n for M <= 64).
+    max_concurrent_steps: TMA pipeline depth (mosaic_gpu).  pallas_variant: "k_loop" |
+    "k_grid" | "auto" (k_grid on TPU).  mosaic_variant: "ws" (warp-specialized,
+    persistent) | "simple" (one warpgroup per output tile) | "auto" (ws).
     """
     block_m: int = 128
     block_n: int = 128
     max_concurrent_steps: int = 2
     pallas_variant: str = "auto"
+    mosaic_variant: str = "auto"
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "max_concurrent_steps"):
@@ -62,6 +66,9 @@ class Fp8MatmulTuning:
         if self.pallas_variant not in ("auto", "k_loop", "k_grid"):
             raise ValueError("Fp8MatmulTuning.pallas_variant must be 'auto', 'k_loop' or "
                              f"'k_grid', got {self.pallas_variant!r}")
+        if self.mosaic_variant not in ("auto", "ws", "simple"):
+            raise ValueError("Fp8MatmulTuning.mosaic_variant must be 'auto', 'ws' or "
+                             f"'simple', got {self.mosaic_variant!r}")
 
 
 def _cdiv(a, b):
@@ -221,9 +228,16 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
         return fp8_block_matmul_reference(xq, xs, wq, ws, out_dtype)
     t = tuning or Fp8MatmulTuning()
     backend = jax.default_backend()
-    # Small M (decode): one 64-row warpgroup tile instead of a mostly-padded 128.
-    bm = 64 if (m <= 64 and tuning is None) else t.block_m
-    mp, np_, kp = _cdiv(m, bm) * bm, _cdiv(n, t.block_n) * t.block_n, nk * TILE
+    ws_variant = impl == "mosaic_gpu" and t.mosaic_variant in ("auto", "ws")
+    if ws_variant:
+        # Two consumer warpgroups of 64 rows: side by side along M, or along N when M is small.
+        split = "m" if m > 64 else "n"
+        bm, bn = (128, t.block_n) if split == "m" else (64, 2 * t.block_n)
+    else:
+        # Small M (decode): one 64-row warpgroup tile instead of a mostly-padded 128.
+        bm = 64 if (m <= 64 and tuning is None) else t.block_m
+        bn = t.block_n
+    mp, np_, kp = _cdiv(m, bm) * bm, _cdiv(n, bn) * bn, nk * TILE
     x2 = _pad_to(xq.reshape(m, k), (mp, kp))
     xs2 = _pad_to(xs.reshape(m, nk), (mp, nk))
     w2 = _pad_to(wq, (np_, kp))
@@ -235,22 +249,28 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
         if interpret is None:
             interpret = backend == "cpu"
         ws_cols = _pad_to(_weight_scale_cols(ws, n), (nk, np_))
-        out = _pallas(x2, xs2, w2, ws_cols, bm=bm, bn=t.block_n, variant=variant,
+        out = _pallas(x2, xs2, w2, ws_cols, bm=bm, bn=bn, variant=variant,
                       out_dtype=out_dtype, interpret=interpret)
     else:
         if (interpret is None and backend != "gpu") or interpret is True:
             interpret = _mgpu.default_interpret_params()
-        # Scalar block scales need a tile inside one 128-row weight block; per-row
-        # scales (Wgrad) or block_n > 128 go through a per-column scale vector.
+        # Scalar block scales need a warpgroup's columns inside one 128-row weight block;
+        # per-row scales (Wgrad) or wider tiles go through a per-column scale vector.
         column = (ws.shape[0] == n and n > 1) or TILE % t.block_n != 0
         if column:
             ws_k = _pad_to(_weight_scale_cols(ws, n), (nk, np_))
         else:
-            ws_k = ws
-        out = _mgpu.mgpu_block_matmul(
-            x2, xs2.T, w2, ws_k, block_m=bm, block_n=t.block_n,
-            max_concurrent_steps=t.max_concurrent_steps, column_scales=column,
-            out_dtype=out_dtype, interpret=interpret or None)
+            ws_k = _pad_to(ws, (_cdiv(np_, TILE), nk))
+        if ws_variant:
+            out = _mgpu.mgpu_block_matmul_ws(
+                x2, xs2.T, w2, ws_k, tile_n=t.block_n, wg_split=split,
+                max_concurrent_steps=t.max_concurrent_steps, column_scales=column,
+                out_dtype=out_dtype, interpret=interpret or None)
+        else:
+            out = _mgpu.mgpu_block_matmul(
+                x2, xs2.T, w2, ws_k, block_m=bm, block_n=bn,
+                max_concurrent_steps=t.max_concurrent_steps, column_scales=column,
+                out_dtype=out_dtype, interpret=interpret or None)
     return out[:m, :n].reshape(*lead, n)
 
 

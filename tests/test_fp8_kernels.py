@@ -10,6 +10,7 @@ Kernel tests follow "one body, two modes": ``_MosaicGpuCases`` holds the body;
 ``TestMosaicGpuCompiled`` runs it compiled on a real GPU (marked ``gpu``) and
 ``TestMosaicGpuInterpret`` runs the same body in Mosaic GPU interpret mode on CPU.
 """
+import functools
 import zlib
 
 import jax
@@ -177,7 +178,9 @@ def test_validation_errors_name_the_bad_shape_or_dtype(rng):
         Fp8MatmulTuning(block_m=0)
     with pytest.raises(ValueError, match=r"block_m=96 must be a multiple of 64"):
         fp8_block_matmul(xq, xs, wq, ws, impl="mosaic_gpu",
-                         tuning=Fp8MatmulTuning(block_m=96))
+                         tuning=Fp8MatmulTuning(block_m=96, mosaic_variant="simple"))
+    with pytest.raises(ValueError, match=r"mosaic_variant must be .*got 'fast'"):
+        Fp8MatmulTuning(mosaic_variant="fast")
     with pytest.raises(ValueError, match=r"group_sizes .* shape \(4,\).*\(3,\)"):
         fp8_grouped_matmul(xq, xs, jnp.stack([wq] * 4), jnp.stack([ws] * 4),
                            jnp.ones((3,), jnp.int32))
@@ -227,11 +230,17 @@ def test_pallas_kernel_interpret_equals_reference(rng, variant, lead, n, k, bm, 
 class _MosaicGpuCases:
     """Body shared by the compiled (GPU) and interpret (CPU) modes."""
     interpret_mode = False
-    # (lead, N, K, tuning or None, weight scales per row?)
+    # (lead, N, K, tuning or None, weight scales per row?).  The default variant is the
+    # warp-specialized persistent kernel ("ws"); M <= 64 splits its warpgroups along N.
+    simple = functools.partial(Fp8MatmulTuning, block_m=64, mosaic_variant="simple")
     cases = [((128,), 128, 256, None, False),
-             ((100,), 200, 300, Fp8MatmulTuning(block_m=64, block_n=64), False),
-             ((2, 3), 192, 256, Fp8MatmulTuning(block_m=64, block_n=192), False),
-             ((70,), 96, 384, Fp8MatmulTuning(block_m=64, block_n=32), True)]
+             ((100,), 200, 300, Fp8MatmulTuning(block_n=64), False),
+             ((2, 3), 192, 256, Fp8MatmulTuning(block_n=192), False),
+             ((70,), 96, 384, Fp8MatmulTuning(block_n=32), True),
+             ((300,), 256, 512, Fp8MatmulTuning(max_concurrent_steps=3), False),
+             ((100,), 200, 300, simple(block_n=64), False),
+             ((2, 3), 192, 256, simple(block_n=192), False),
+             ((70,), 96, 384, simple(block_n=32), True)]
 
     def tolerance(self, xq, xs, wq, ws, ref):
         """Interpret mode sums in exact FP32.  Real Hopper FP8 wgmma keeps only ~13 fraction
@@ -249,7 +258,7 @@ class _MosaicGpuCases:
             return None
         return fp8_matmul_mgpu.default_interpret_params(detect_races=detect_races)
 
-    @pytest.mark.parametrize("case", range(4))
+    @pytest.mark.parametrize("case", range(8))
     def test_equals_reference(self, rng, case):
         lead, n, k, tuning, row_scales = self.cases[case]
         xq, xs, wq, ws = quantized_operands(rng, lead, n, k, row_scales=row_scales)
@@ -260,14 +269,17 @@ class _MosaicGpuCases:
         assert_close(out, ref, atol=self.tolerance(xq, xs, wq, ws, ref),
                      what=f"mosaic_gpu case {case}")
 
-    def test_bf16_output_and_pow2_scales_without_races(self, rng):
-        # detect_races only means something in interpret mode; on GPU it is a plain run.
-        xq, xs, wq, ws = quantized_operands(rng, (64,), 64, 256, pow2=True)
+    @pytest.mark.parametrize("variant,m", [("ws", 64), ("ws", 256), ("simple", 64)])
+    def test_bf16_output_and_pow2_scales_without_races(self, rng, variant, m):
+        # detect_races only means something in interpret mode (a race raises there); on GPU
+        # it is a plain run.
+        xq, xs, wq, ws = quantized_operands(rng, (m,), 64, 384, pow2=True)
         ref = fp8_block_matmul_reference(xq, xs, wq, ws)
         out = fp8_block_matmul(xq, xs, wq, ws, jnp.bfloat16, impl="mosaic_gpu",
                                interpret=self.interpret(detect_races=True),
                                tuning=Fp8MatmulTuning(block_m=64, block_n=64,
-                                                      max_concurrent_steps=2))
+                                                      max_concurrent_steps=2,
+                                                      mosaic_variant=variant))
         assert out.dtype == jnp.bfloat16
         assert_close(out, ref, atol=self.tolerance(xq, xs, wq, ws, ref), rtol=2 ** -8,
                      what="mosaic bf16 out")
