@@ -155,8 +155,7 @@ def main():
         for m, n, k in shapes:
             bm = args.block_m or (64 if m <= 64 else 128)
             tuning = Fp8MatmulTuning(block_m=bm, block_n=args.block_n, mosaic_variant=variant,
-                                     max_concurrent_steps=args.steps or
-                                     (4 if variant in ("ws", "auto") else 2))
+                                     max_concurrent_steps=args.steps)
             interpret = True if small and impl != "reference" else None
             r = bench_shape(m, n, k, impl, tuning, interpret, iters, key)
             line = (f"{label:<14}{m:>6}{n:>7}{k:>7}{r['kernel']:>13.3f}{r['bf16']:>11.3f}"

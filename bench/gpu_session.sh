@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
       JAX_PLATFORMS=cuda XLA_FLAGS= timeout 150 python3 -m pytest -q -p no:cacheprovider \
         -m gpu tests/test_fp8_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
     bench)
-      timeout 240 python3 bench/fp8_matmul.py 2>&1 | tee "$OUT/bench.log" ;;
+      timeout 240 python3 bench/fp8_matmul.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
     sweep)
       timeout 120 python3 -m pallas_kernels.fp8_matmul_mgpu 2>&1 | tee "$OUT/sweep.log" ;;
     train)

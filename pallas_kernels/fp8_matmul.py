@@ -48,19 +48,22 @@ class Fp8MatmulTuning:
 
     block_m, block_n: output tile (mosaic "ws": block_n is each consumer warpgroup's
     width, the CTA tile is 128 x block_n, or 64 x 2 block_n for M <= 64).
-    max_concurrent_steps: TMA pipeline depth (mosaic_gpu).  pallas_variant: "k_loop" |
+    max_concurrent_steps: TMA pipeline depth (mosaic_gpu; None: 4 for "ws", 2 for
+    "simple", the best points of the H100 sweep in docs/BENCHMARKS.md).  pallas_variant: "k_loop" |
     "k_grid" | "auto" (k_grid on TPU).  mosaic_variant: "ws" (warp-specialized,
     persistent) | "simple" (one warpgroup per output tile) | "auto" (ws).
     """
     block_m: int = 128
     block_n: int = 128
-    max_concurrent_steps: int = 2
+    max_concurrent_steps: int | None = None
     pallas_variant: str = "auto"
     mosaic_variant: str = "auto"
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "max_concurrent_steps"):
             v = getattr(self, name)
+            if name == "max_concurrent_steps" and v is None:
+                continue
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"Fp8MatmulTuning.{name} must be a positive int, got {v!r}")
         if self.pallas_variant not in ("auto", "k_loop", "k_grid"):
@@ -264,12 +267,12 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
         if ws_variant:
             out = _mgpu.mgpu_block_matmul_ws(
                 x2, xs2.T, w2, ws_k, tile_n=t.block_n, wg_split=split,
-                max_concurrent_steps=t.max_concurrent_steps, column_scales=column,
+                max_concurrent_steps=t.max_concurrent_steps or 4, column_scales=column,
                 out_dtype=out_dtype, interpret=interpret or None)
         else:
             out = _mgpu.mgpu_block_matmul(
                 x2, xs2.T, w2, ws_k, block_m=bm, block_n=bn,
-                max_concurrent_steps=t.max_concurrent_steps, column_scales=column,
+                max_concurrent_steps=t.max_concurrent_steps or 2, column_scales=column,
                 out_dtype=out_dtype, interpret=interpret or None)
     return out[:m, :n].reshape(*lead, n)
 

@@ -303,7 +303,7 @@ def _mgpu_ws_call(xq, xs_t, wq, ws, *, tile_m, tile_n, wg_split, max_concurrent_
 def mgpu_block_matmul_ws(xq, xs_t, wq, ws, *, tile_m: int = 64, tile_n: int = 128,
                          wg_split: str = "m", max_concurrent_steps: int = 4,
                          column_scales: bool = False, out_dtype=jnp.float32,
-                         grid_minor: int = 1, grid_width: int = 8, num_sms: int | None = None,
+                         grid_minor: int = 0, grid_width: int = 4, num_sms: int | None = None,
                          interpret=None):
     """``mgpu_block_matmul`` as a warp-specialized persistent kernel (same operands).
 
@@ -348,8 +348,7 @@ def _sweep():
           + ("" if on_gpu else " (interpret: correctness only)"))
     points = [("simple", dict(block_m=128, block_n=128, max_concurrent_steps=2))]
     points += [("ws", dict(tile_n=128, max_concurrent_steps=s, grid_minor=g, grid_width=w))
-               for s in (3, 4, 5) for g in (0, 1) for w in (4, 16)]
-    points += [("ws", dict(tile_n=64, max_concurrent_steps=4, grid_minor=1, grid_width=8))]
+               for s in (3, 4, 5) for g in (0, 1) for w in (2, 4, 8, 16)]
     for variant, kw in points:
         fn = mgpu_block_matmul if variant == "simple" else mgpu_block_matmul_ws
         f = functools.partial(fn, interpret=interpret, **kw)
