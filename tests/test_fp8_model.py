@@ -39,6 +39,20 @@ def test_fp8_flag_puts_e4m3_gemms_in_the_program_and_keeps_the_head_high_precisi
     assert "f8_e4m3fn" not in plain
 
 
+def test_fp8_kernel_names_the_gemm_backend():
+    """fp8_kernel picks the block-scaled GEMM; on CPU "auto" is the reference, and "pallas"
+    (interpret mode) computes the same loss through a different program."""
+    tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 256)
+    cfg = CFG.replace(fp8=True)
+    assert cfg.linear_impl == "fp8" and cfg.replace(fp8_kernel="pallas").linear_impl == "fp8:pallas"
+    losses = {k: float(_loss_and_grads(cfg.replace(fp8_kernel=k), tokens)[0])
+              for k in ("auto", "reference", "pallas")}
+    assert losses["auto"] == losses["reference"]
+    assert abs(losses["pallas"] - losses["reference"]) < 1e-5 * abs(losses["reference"]), losses
+    with pytest.raises(ValueError, match="fp8_kernel.*'triton'.*expected 'auto'"):
+        CFG.replace(fp8_kernel="triton")
+
+
 @pytest.mark.parametrize("sizes", [[5, 0, 40, 19], [64, 64, 0, 0]])
 def test_fp8_grouped_linear_values_and_gradients(sizes):
     rng = np.random.default_rng(sum(sizes))
