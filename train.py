@@ -51,6 +51,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.data import DataConfig, make_data  # noqa: E402
+from dsv3_jax.infer.generate import generate  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.parallel import dryrun, layout, multihost, overlap  # noqa: E402
 from dsv3_jax.parallel.pipeline import check_pipeline_layout  # noqa: E402
@@ -60,7 +61,7 @@ from dsv3_jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionG
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from dsv3_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, lr_schedule, make_optimizer  # noqa: E402
-from dsv3_jax.train.step import greedy_sample, make_eval_step, split_model  # noqa: E402
+from dsv3_jax.train.step import make_eval_step, split_model  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -202,9 +203,10 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     # ---- sample ----
     if ds.tokenizer is not None and run.sample_tokens:
         prompt = ds.tokenizer.encode(run.sample_prompt) or [ds.tokenizer.eos_id]
-        out = greedy_sample(graphdef, (state["params"], state["biases"]), jnp.asarray([prompt], jnp.int32),
-                            min(run.sample_tokens, model.max_seq_len - len(prompt)))
-        print("\n--- sample (greedy) ---\n" + ds.tokenizer.decode(np.asarray(out[0]).tolist()) + "\n---")
+        # The inference engine's latent-cache decoder (greedy by default), on the trained weights.
+        res = generate(nnx.merge(graphdef, state["params"], state["biases"]), [prompt],
+                       max_new_tokens=run.sample_tokens, cache_dtype=jnp.float32)
+        print("\n--- sample (greedy) ---\n" + ds.tokenizer.decode(prompt + res.tokens[0]) + "\n---")
     return state
 
 

@@ -10,7 +10,6 @@ gradients, Adam and weight decay never touch them.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -102,21 +101,3 @@ def make_eval_step(graphdef):
         _, aux = loss_fn(state["params"], state["biases"], graphdef, batch["inputs"], batch["targets"], 0.0, 0.0)
         return {"val_loss": aux["loss"], "val_mtp_loss": aux["mtp_loss"]}
     return eval_step
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def greedy_sample(graphdef, params_biases, prompt, n_new: int):
-    """Greedy continuation with full re-forward per token (simple; infer/ has the cached decoder).
-
-    prompt [1, P] int32 -> [1, P + n_new].
-    """
-    model = nnx.merge(graphdef, *params_biases)
-    P = prompt.shape[1]
-    buf = jnp.zeros((1, P + n_new), jnp.int32).at[:, :P].set(prompt)
-
-    def body(i, buf):
-        logits = model(buf)  # causal: positions >= P + i do not affect position P + i - 1
-        nxt = jnp.argmax(logits[0, P + i - 1]).astype(jnp.int32)
-        return buf.at[0, P + i].set(nxt)
-
-    return jax.lax.fori_loop(0, n_new, body, buf)
