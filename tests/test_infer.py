@@ -20,7 +20,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_bytes_per_token, init_cache
 from dsv3_jax.infer import engine as programs
 from dsv3_jax.infer.cache import LatentCache
-from dsv3_jax.infer.decode import absorbed_attention, forward_cached, mtp_forward
+from dsv3_jax.infer.decode import absorbed_attention, expanded_attention, forward_cached, mtp_forward
 from dsv3_jax.infer.sampling import filter_logits, probabilities, sample
 from dsv3_jax.rope import rope_tables
 from dsv3_jax.sharding import make_mesh
@@ -83,11 +83,12 @@ def greedy(engine):
 
 
 forward = nnx.jit(lambda m, t: m.forward(t))
-cached = nnx.jit(forward_cached, static_argnames="kv_len")
+cached = nnx.jit(forward_cached, static_argnames=("kv_len", "expand"))
 project = nnx.jit(lambda m, h: m.project(h, m.norm))
 cached_mtp = nnx.jit(mtp_forward, static_argnums=1, static_argnames="kv_len")
 mtp_project = nnx.jit(lambda m, k, h: m.project(h, m.mtp[k].norm), static_argnums=1)
 absorbed = nnx.jit(absorbed_attention, static_argnames="kv_len")
+expanded_mla = nnx.jit(expanded_attention, static_argnames="kv_len")
 naive_mla = nnx.jit(lambda mla, x, p: mla(x, *rope_tables(CFG, p), causal_mask(p, p)))
 trunk_norm = nnx.jit(lambda m, t, p: m.norm(m.trunk(t, p)[0]))
 
@@ -161,6 +162,11 @@ def test_absorbed_attention_equals_naive_and_never_expands_the_cache(model):
     np.testing.assert_allclose(cache.c_kv[0, :, :S], c_kv, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(cache.k_pe[0, :, :S], k_pe, rtol=1e-6, atol=1e-6)
     assert not cache.c_kv[0, :, S:].any()
+    # prefill's expanded form: same output, same cache
+    out_e, cache_e = expanded_mla(mla, x, cos, sin, pos, empty, 0, kv_len=T)
+    np.testing.assert_allclose(out_e, naive, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache_e.c_kv, cache.c_kv)
+    np.testing.assert_array_equal(cache_e.k_pe, cache.k_pe)
     # one more token at position S against the cache == naive attention over S+1 tokens
     x1 = jax.random.normal(jax.random.key(4), (B, 1, CFG.dim))
     pos1 = jnp.full((B, 1), S)
@@ -187,15 +193,17 @@ def test_absorbed_attention_equals_naive_and_never_expands_the_cache(model):
 
 
 # ---- prefill + decode == teacher forcing ------------------------------------------------------------
-def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model):
-    """Right-padded prefill of prompts of lengths 5 and 8, then 4 single-token steps, each fed the
-    true next token: every logit equals the full forward's (float32, 1e-4)."""
+@pytest.mark.parametrize("expand", [True, False])
+def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, expand):
+    """Right-padded prefill of prompts of lengths 5 and 8 (expanded attention as the engine does,
+    or absorbed), then 4 absorbed single-token steps, each fed the true next token: every logit
+    equals the full forward's (float32, 1e-4)."""
     tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, CFG.vocab_size)
     want = np.asarray(forward(model, tokens).logits)
     lengths = np.array([5, 8])
     prompt = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], 0)  # right padding
     cache = init_cache(CFG, 2, 16, jnp.float32)
-    h, cache = cached(model, cache, prompt, jnp.broadcast_to(jnp.arange(8), (2, 8)), kv_len=8)
+    h, cache = cached(model, cache, prompt, jnp.broadcast_to(jnp.arange(8), (2, 8)), kv_len=8, expand=expand)
     logits = np.asarray(project(model, h))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(logits[b, :n], want[b, :n], rtol=1e-4, atol=1e-4)

@@ -17,6 +17,12 @@ and the scores and the weighted sum run against the cached latent directly:
 No step ever multiplies the cache by `wkv_b`; per token a layer reads C + R numbers, not
 H x (N + R + Dv).
 
+Prefill is the other regime: S new tokens against T = S slots. There the heads attend in
+C + R = 576 (scores) and C = 512 (values) dims when absorbed, against N + R = 192 and Dv = 128
+when K/V are expanded from the latents once (2 T C H (N + Dv) FLOPs), so attention costs ~3.4x
+less expanded at V3 size once S is in the hundreds. `expand=True` (the engine's prefill) does
+that, as DeepSeek's inference does; it writes the same latent cache either way.
+
 Everything here takes the model's own modules (the same `Transformer`, no weight copies): the
 scanned stacks are split with `nnx.split(stack.blocks)` and scanned together with the layer index,
 the stack's cache riding in the carry so each layer writes only its S new slots.
@@ -52,6 +58,26 @@ def absorbed_weights(mla: MLA) -> tuple[jax.Array, jax.Array]:
     return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
 
+def expanded_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int):
+    """`absorbed_attention`'s contract, computed MHA-style: the `kv_len` cached latents are
+    expanded through `wkv_b` into per-head k_nope / v (prefill, where S ~ kv_len)."""
+    cfg = mla.cfg
+    dt = mla.wkv_b.dtype
+    q_nope, q_pe = mla.queries(x, cos, sin)  # [B,S,H,N], [B,S,H,R]
+    c_new, pe_new = mla.latent(x, cos, sin)
+    cache = cache.write(layer, positions, c_new, pe_new)
+    c = cache.c_kv[layer, :, :kv_len].astype(dt)  # [B,T,C]
+    pe = cache.k_pe[layer, :, :kv_len].astype(dt)  # [B,T,R]
+    k_nope, v = mla.expand(c)  # [B,T,H,N], [B,T,H,Dv]
+    scores = (jnp.einsum("bshn,bthn->bsht", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bshr,btr->bsht", q_pe, pe, preferred_element_type=jnp.float32))
+    visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B,S,T]
+    scores = jnp.where(visible[:, :, None, :], scores * cfg.softmax_scale, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bsht,bthd->bshd", probs, v.astype(jnp.float32)).astype(dt)  # [B,S,H,Dv]
+    return mla.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim)), cache
+
+
 def absorbed_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int):
     """x [B,S,D] at `positions` [B,S] -> (out [B,S,D], cache with the S new latents written).
 
@@ -77,10 +103,12 @@ def absorbed_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, lay
     return mla.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim)), cache
 
 
-def block_forward(block: Block, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int):
-    """One decoder block over S new tokens with absorbed attention: x [B,S,D] -> x, cache."""
-    a, cache = absorbed_attention(block.attn, block.attn_norm(x), cos, sin, positions, cache, layer,
-                                  kv_len=kv_len)
+def block_forward(block: Block, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int,
+                  expand: bool = False):
+    """One decoder block over S new tokens (absorbed attention, or expanded with `expand`):
+    x [B,S,D] -> x, cache."""
+    attn = expanded_attention if expand else absorbed_attention
+    a, cache = attn(block.attn, block.attn_norm(x), cos, sin, positions, cache, layer, kv_len=kv_len)
     x = x + a
     h = block.ffn_norm(x)
     # MoE routes the B*S tokens like any others (dropless); its statistics are unused and
@@ -89,7 +117,8 @@ def block_forward(block: Block, x, cos, sin, positions, cache: LatentCache, laye
     return x + y, cache
 
 
-def stack_forward(stack: BlockStack, x, cos, sin, positions, cache: LatentCache, *, kv_len: int):
+def stack_forward(stack: BlockStack, x, cos, sin, positions, cache: LatentCache, *, kv_len: int,
+                  expand: bool = False):
     """The scanned layers of one stack, the stack's cache [L,B,T,...] carried through the scan."""
     graphdef, state = nnx.split(stack.blocks)
 
@@ -97,31 +126,32 @@ def stack_forward(stack: BlockStack, x, cos, sin, positions, cache: LatentCache,
         h, c = carry
         layer_state, layer = xs
         h, c = block_forward(nnx.merge(graphdef, layer_state), h, cos, sin, positions, c, layer,
-                             kv_len=kv_len)
+                             kv_len=kv_len, expand=expand)
         return (h, c), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(stack.n)))
     return x, cache
 
 
-def forward_cached(model: Transformer, cache: Cache, tokens, positions, *, kv_len: int):
+def forward_cached(model: Transformer, cache: Cache, tokens, positions, *, kv_len: int,
+                   expand: bool = False):
     """tokens, positions [B,S] -> hidden state [B,S,D] before the final norm, updated cache.
 
-    Prefill is the call with positions 0..S-1 and kv_len = S; a decode step or a speculative
-    verification is the call with positions length + (0..S-1) and kv_len = T.
+    Prefill is the call with positions 0..S-1, kv_len = S and expand=True; a decode step or a
+    speculative verification is the call with positions length + (0..S-1) and kv_len = T.
     """
     cos, sin = rope_tables(model.cfg, positions)
     h = model.embed(tokens)
     stacks = [s for s in (model.dense_layers, model.moe_layers) if s is not None]
     layers = []
     for stack, c in zip(stacks, cache.layers, strict=True):
-        h, c = stack_forward(stack, h, cos, sin, positions, c, kv_len=kv_len)
+        h, c = stack_forward(stack, h, cos, sin, positions, c, kv_len=kv_len, expand=expand)
         layers.append(c)
     return h, Cache(layers=tuple(layers), mtp=cache.mtp)
 
 
 def mtp_forward(model: Transformer, k: int, h_prev, next_tokens, positions, cache: LatentCache, *,
-                kv_len: int):
+                kv_len: int, expand: bool = False):
     """MTP module k (0-based) over S positions: h_prev [B,S,D] (the main model's normalised
     output for k = 0, module k-1's output after that), next_tokens [B,S] = the token k+1 places
     ahead of each position -> h [B,S,D] (before the module's norm), the module's cache."""
@@ -129,4 +159,4 @@ def mtp_forward(model: Transformer, k: int, h_prev, next_tokens, positions, cach
     cos, sin = rope_tables(model.cfg, positions)
     emb = module.enorm(model.embed(next_tokens))
     x = module.eh_proj(jnp.concatenate([emb, module.hnorm(h_prev)], axis=-1))
-    return block_forward(module.block, x, cos, sin, positions, cache, 0, kv_len=kv_len)
+    return block_forward(module.block, x, cos, sin, positions, cache, 0, kv_len=kv_len, expand=expand)

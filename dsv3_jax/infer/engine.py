@@ -98,7 +98,7 @@ def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, 
     B, S = prompt.shape
     cache = init_cache(cfg, B, S, cache_dtype, n_draft)
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    h, cache = forward_cached(model, cache, prompt, positions, kv_len=S)
+    h, cache = forward_cached(model, cache, prompt, positions, kv_len=S, expand=True)
     h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
     logits = model.project(h_last, model.norm)[:, 0]
     first = sample(logits, token_keys(key, seq_ids, lengths, TARGET), sampling)
@@ -109,7 +109,8 @@ def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, 
         hn = model.norm(h)
         hidden = _write_ring(jnp.zeros((B, ring_size(n_draft), cfg.dim), hn.dtype), positions, hn,
                              lengths - ring_size(n_draft), lengths)
-        cache, tokens, q = draft(model, cache, tokens, hn, positions, lengths, seq_ids, key, sampling, kv_len=S)
+        cache, tokens, q = draft(model, cache, tokens, hn, positions, lengths, seq_ids, key, sampling, kv_len=S,
+                                 expand=True)
         q = None if sampling.greedy else q
     out = StepOutput(first[:, None], jnp.ones_like(lengths), jnp.zeros_like(lengths), budget > 0)
     out, remaining, active = _finish(out, budget > 0, budget, eos_id)

@@ -69,12 +69,14 @@ def accept_sampled(p: jax.Array, q: jax.Array, drafts: jax.Array, uniform: jax.A
 
 
 def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array, wpos: jax.Array,
-          length: jax.Array, seq_ids: jax.Array, key: jax.Array, s: SamplingConfig, *, kv_len: int):
+          length: jax.Array, seq_ids: jax.Array, key: jax.Array, s: SamplingConfig, *, kv_len: int,
+          expand: bool = False):
     """Run the MTP chain over the window positions wpos [B,W] and draft D tokens.
 
     tokens [B,Tb] holds every known token by position (the pending one at `length`); h_main
     [B,W,E] is the main model's normalised hidden state at wpos. Returns the cache with the
     window's MTP entries written, tokens with d_k stored at length+k, and q [B,D,V].
+    expand: expanded attention (prefill's whole-prompt window), see decode.py.
     """
     D = len(cache.mtp)
     last = (length - 1 - wpos[:, 0])[:, None, None]  # window column of position length-1
@@ -82,7 +84,7 @@ def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array
     h, mtp, qs = h_main, [], []
     for k in range(D):
         nxt = jnp.take_along_axis(tokens, jnp.clip(wpos + k + 1, 0, tokens.shape[1] - 1), axis=1)
-        h, c = mtp_forward(model, k, h, nxt, wpos, cache.mtp[k], kv_len=kv_len)
+        h, c = mtp_forward(model, k, h, nxt, wpos, cache.mtp[k], kv_len=kv_len, expand=expand)
         h_last = jnp.take_along_axis(h, last, axis=1)  # [B,1,E]
         logits = model.project(h_last, model.mtp[k].norm)[:, 0]
         pos = length + k + 1
