@@ -30,6 +30,8 @@ the stack's cache riding in the carry so each layer writes only its S new slots.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,31 +60,14 @@ def absorbed_weights(mla: MLA) -> tuple[jax.Array, jax.Array]:
     return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
 
-def expanded_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int):
-    """`absorbed_attention`'s contract, computed MHA-style: the `kv_len` cached latents are
-    expanded through `wkv_b` into per-head k_nope / v (prefill, where S ~ kv_len)."""
-    cfg = mla.cfg
-    dt = mla.wkv_b.dtype
-    q_nope, q_pe = mla.queries(x, cos, sin)  # [B,S,H,N], [B,S,H,R]
-    c_new, pe_new = mla.latent(x, cos, sin)
-    cache = cache.write(layer, positions, c_new, pe_new)
-    c = cache.c_kv[layer, :, :kv_len].astype(dt)  # [B,T,C]
-    pe = cache.k_pe[layer, :, :kv_len].astype(dt)  # [B,T,R]
-    k_nope, v = mla.expand(c)  # [B,T,H,N], [B,T,H,Dv]
-    scores = (jnp.einsum("bshn,bthn->bsht", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bshr,btr->bsht", q_pe, pe, preferred_element_type=jnp.float32))
-    visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B,S,T]
-    scores = jnp.where(visible[:, :, None, :], scores * cfg.softmax_scale, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bsht,bthd->bshd", probs, v.astype(jnp.float32)).astype(dt)  # [B,S,H,Dv]
-    return mla.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim)), cache
-
-
-def absorbed_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int):
+def cached_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int,
+                     expand: bool = False):
     """x [B,S,D] at `positions` [B,S] -> (out [B,S,D], cache with the S new latents written).
 
     The queries attend over the first `kv_len` slots of `layer` in `cache`; slot t is visible from
     the query at position p iff t <= p (see cache.py for why that is the only mask needed).
+    Absorbed (decode) by default; `expand` expands the read latents into per-head k_nope / v
+    through `wkv_b` first (prefill, where S ~ kv_len). The two are equal up to rounding.
     """
     cfg = mla.cfg
     dt = mla.wkv_b.dtype
@@ -91,24 +76,35 @@ def absorbed_attention(mla: MLA, x, cos, sin, positions, cache: LatentCache, lay
     cache = cache.write(layer, positions, c_new, pe_new)
     c = cache.c_kv[layer, :, :kv_len].astype(dt)  # [B,T,C]
     pe = cache.k_pe[layer, :, :kv_len].astype(dt)  # [B,T,R]
-    w_uk, w_uv = absorbed_weights(mla)
-    q_abs = jnp.einsum("bshn,hnc->bshc", q_nope, w_uk.astype(dt))
-    scores = (jnp.einsum("bshc,btc->bsht", q_abs, c, preferred_element_type=jnp.float32)
-              + jnp.einsum("bshr,btr->bsht", q_pe, pe, preferred_element_type=jnp.float32))
+    if expand:
+        k_nope, v = mla.expand(c)  # [B,T,H,N], [B,T,H,Dv]
+        content = jnp.einsum("bshn,bthn->bsht", q_nope, k_nope, preferred_element_type=jnp.float32)
+    else:
+        w_uk, w_uv = absorbed_weights(mla)
+        q_abs = jnp.einsum("bshn,hnc->bshc", q_nope, w_uk.astype(dt))  # [B,S,H,C]
+        content = jnp.einsum("bshc,btc->bsht", q_abs, c, preferred_element_type=jnp.float32)
+    scores = content + jnp.einsum("bshr,btr->bsht", q_pe, pe, preferred_element_type=jnp.float32)
     visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B,S,T]
     scores = jnp.where(visible[:, :, None, :], scores * cfg.softmax_scale, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    o_latent = jnp.einsum("bsht,btc->bshc", probs, c.astype(jnp.float32))  # [B,S,H,C]
-    out = jnp.einsum("bshc,hdc->bshd", o_latent.astype(dt), w_uv.astype(dt))  # [B,S,H,Dv]
+    if expand:
+        out = jnp.einsum("bsht,bthd->bshd", probs, v.astype(jnp.float32)).astype(dt)  # [B,S,H,Dv]
+    else:
+        o_latent = jnp.einsum("bsht,btc->bshc", probs, c.astype(jnp.float32))  # [B,S,H,C]
+        out = jnp.einsum("bshc,hdc->bshd", o_latent.astype(dt), w_uv.astype(dt))  # [B,S,H,Dv]
     return mla.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim)), cache
+
+
+absorbed_attention = functools.partial(cached_attention, expand=False)
+expanded_attention = functools.partial(cached_attention, expand=True)
 
 
 def block_forward(block: Block, x, cos, sin, positions, cache: LatentCache, layer, *, kv_len: int,
                   expand: bool = False):
     """One decoder block over S new tokens (absorbed attention, or expanded with `expand`):
     x [B,S,D] -> x, cache."""
-    attn = expanded_attention if expand else absorbed_attention
-    a, cache = attn(block.attn, block.attn_norm(x), cos, sin, positions, cache, layer, kv_len=kv_len)
+    a, cache = cached_attention(block.attn, block.attn_norm(x), cos, sin, positions, cache, layer,
+                                kv_len=kv_len, expand=expand)
     x = x + a
     h = block.ffn_norm(x)
     # MoE routes the B*S tokens like any others (dropless); its statistics are unused and
