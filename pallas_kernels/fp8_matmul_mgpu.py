@@ -23,15 +23,16 @@ Layouts (all checked by ``mgpu_block_matmul``):
 Scales are read straight from GMEM: loading them from a pipeline-managed SMEM
 buffer was flagged as a race against the next TMA write by the interpreter.
 
-Status: correctness version.  It runs in GPU interpret mode on CPU
-(``interpret=plgpu.InterpretGPUParams()``); interpret mode does not check
-swizzles, SMEM capacity or register limits, so passing there does not prove it
-compiles for sm90a.  Performance steps the structure is ready for (each is a
-local change): ``emit_pipeline_warp_specialized`` with a TMA producer
-warpgroup and 2 consumer warpgroups carrying the FP32 accumulator through
-``compute_context``; a persistent grid over SMs with ``plgpu.nd_loop`` +
-``planar_snake``; two ACCs in ping-pong with ``wgmma_wait(1)`` so the promotion
-FMAs overlap the next wgmma; TMA multicast of the shared operand in a cluster.
+Two kernels over the same operands:
+  mgpu_block_matmul      one warpgroup per output tile, a TMA pipeline along K ("simple")
+  mgpu_block_matmul_ws   warp-specialized and persistent ("ws", the default): a TMA producer
+                         warpgroup, two consumer warpgroups, tiles in snake order
+Both run in GPU interpret mode on CPU (``interpret=plgpu.InterpretGPUParams()``) and compiled on
+an H100 (tests marked ``gpu``; figures in docs/BENCHMARKS.md: "ws" 944 TFLOP/s at
+4096x7168x16384).  Interpret mode sums exactly; the hardware's wgmma keeps ~13 fraction bits
+within a K block, which the compiled tests' tolerance accounts for.  Not done yet: scales through
+the TMA pipeline (they are unoptimized GMEM loads), epilogue overlapped with the next tile, TMA
+multicast in a 2-CTA cluster, a grouped (MoE) variant.
 """
 from __future__ import annotations
 
