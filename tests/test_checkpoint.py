@@ -257,3 +257,25 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("kind", ["Task", "Future"])
+def test_aborted_orbax_reads_are_not_reported_twice(kind):
+    """A failed restore's sibling reads end as never-retrieved asyncio exceptions raised inside
+    orbax; those records are dropped (the restore already reported the failure in one line).
+    The same message from any other code still gets through."""
+    from dsv3_jax.train.checkpoint import _AbortedReadFilter
+
+    def record_from(filename):
+        ns = {}
+        exec(compile("def boom():\n    import json\n    json.loads('')\n", filename, "exec"), ns)
+        try:
+            ns["boom"]()
+        except ValueError:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("asyncio", logging.ERROR, "x", 1, f"{kind} exception was never retrieved",
+                                 None, exc_info)
+
+    f = _AbortedReadFilter()
+    assert not f.filter(record_from("/site-packages/orbax/checkpoint/_src/metadata/store.py"))
+    assert f.filter(record_from("/home/user/my_code.py"))

@@ -111,14 +111,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
 
 
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
 class _AbortedReadFilter(logging.Filter):
     """The same aborted reads, seen from asyncio: when orbax's sibling read tasks of a failed
-    restore are garbage-collected, asyncio logs 'Task exception was never retrieved' with their
-    traceback (possibly after the restore returned). restore_latest has already reported the
+    restore are garbage-collected, asyncio logs 'Task (or Future) exception was never retrieved'
+    with their traceback (possibly after the restore returned). restore_latest has already reported the
     failure in one line, so drop exactly those records: the ones raised inside orbax."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("Task exception was never retrieved") and record.exc_info:
+        if record.getMessage().startswith(_NEVER_RETRIEVED) and record.exc_info:
             tb = record.exc_info[2]
             if tb is not None and any("orbax" in f.filename for f in traceback.extract_tb(tb)):
                 return False
