@@ -46,12 +46,13 @@ IMPLS = ("auto", "reference", "pallas", "mosaic_gpu")
 class Fp8MatmulTuning:
     """Tile sizes; K is always tiled by 128 (the scale and promotion width).
 
-    block_m, block_n: output tile (mosaic "ws": block_n is each consumer warpgroup's
-    width, the CTA tile is 128 x block_n, or 64 x 2 block_n for M <= 64).
+    block_m, block_n: output tile (mosaic "ws" ignores block_m: block_n is each consumer
+    warpgroup's width, the CTA tile 128 x block_n, or 64 x 2 block_n for M <= 64).
     max_concurrent_steps: TMA pipeline depth (mosaic_gpu; None: 4 for "ws", 2 for
-    "simple", the best points of the H100 sweep in docs/BENCHMARKS.md).  pallas_variant: "k_loop" |
-    "k_grid" | "auto" (k_grid on TPU).  mosaic_variant: "ws" (warp-specialized,
-    persistent) | "simple" (one warpgroup per output tile) | "auto" (ws).
+    "simple", the best points of the H100 sweep in docs/BENCHMARKS.md).
+    pallas_variant: "k_loop" | "k_grid" | "auto" (k_grid on TPU).
+    mosaic_variant: "ws" (warp-specialized, persistent) | "simple" (one warpgroup per
+    output tile) | "auto" (ws).
     """
     block_m: int = 128
     block_n: int = 128
