@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # What a lent GPU session runs (the device tool's image: python3 with jax 0.11.2, flax,
-# optax, orbax). Wheels for the packages the image lacks travel in .whl/ (see
-# docs/BENCHMARKS.md). Logs go to $OUT (or ./gpu_logs). Usage: bash bench/gpu_session.sh STEP...
+# optax, orbax). Wheels for the packages the image lacks travel in .whl/ (git-ignored), fetched
+# beforehand on a machine with pip access:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl gin-config==0.5.0 grain==0.2.18 array_record==0.8.6 tensorboardX==2.6.5 portpicker
+# Logs go to $OUT (or ./gpu_logs). Usage: bash bench/gpu_session.sh STEP...
 #   env      versions and the GPU
 #   tests    the fp8 kernel tests compiled for the GPU (-m gpu)
 #   bench    bench/fp8_matmul.py at DeepSeek's shapes
