@@ -9,7 +9,7 @@
 #   env      versions and the GPU
 #   tests    the fp8 kernel tests compiled for the GPU (-m gpu)
 #   bench    bench/fp8_matmul.py at DeepSeek's shapes
-#   sweep    the Mosaic kernel's tile sweep at 4096x7168x7168
+#   sweep    both Mosaic kernels' tuning sweep at 4096x7168x16384
 #   train N  bench/fp8_training.py, small preset, N steps
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
