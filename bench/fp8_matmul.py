@@ -18,7 +18,10 @@ Shapes: M = 4096 (prefill/training) and 64, 128 (decode) against DeepGEMM's
 with --cpu-small) it runs a correctness-only sweep on small shapes with the
 kernels in interpret mode; the timings there are meaningless.
 
-Usage: python bench/fp8_matmul.py [--cpu-small] [--iters 20] [--impl mosaic_gpu]
+--sweep instead checks and times tuning points of both Mosaic GPU kernels at 4096x7168x16384
+(a small shape in interpret mode on CPU).
+
+Usage: python bench/fp8_matmul.py [--cpu-small] [--iters 20] [--impl mosaic_gpu] [--sweep]
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from pallas_kernels import fp8_matmul_mgpu as mgpu  # noqa: E402
 from pallas_kernels import (Fp8MatmulTuning, fp8_block_matmul,  # noqa: E402
                             fp8_block_matmul_reference, quantize_act_1x128,
                             quantize_weight_128x128)
@@ -120,6 +124,34 @@ def bench_shape(m, n, k, impl, tuning, interpret, iters, key):
         q_tensor=_worst_row_rel(xla_fp8_per_tensor(x8, w8, sx, sw), y))
 
 
+def sweep(iters):
+    """Tuning points of both Mosaic kernels against the reference, timed like the table."""
+    on_gpu = jax.default_backend() == "gpu"
+    m, n, k = (4096, 7168, 16384) if on_gpu else (256, 256, 256)
+    interpret = None if on_gpu else mgpu.default_interpret_params()
+    kx, kw = jax.random.split(jax.random.key(0))
+    xq, xs = quantize_act_1x128(jax.random.normal(kx, (m, k), jnp.float32))
+    wq, ws = quantize_weight_128x128(jax.random.normal(kw, (n, k), jnp.float32) * 0.02)
+    ref = fp8_block_matmul_reference(xq, xs, wq, ws)
+    print(f"M={m} N={n} K={k} backend={jax.default_backend()}"
+          + ("" if on_gpu else " (interpret: correctness only)"))
+    points = [("simple", dict(block_m=128, block_n=128, max_concurrent_steps=2))]
+    points += [("ws", dict(tile_n=128, max_concurrent_steps=s, grid_minor=g, grid_width=w))
+               for s in (3, 4, 5) for g in (0, 1) for w in (2, 4, 8, 16)]
+    for variant, kw in points:
+        fn = mgpu.mgpu_block_matmul if variant == "simple" else mgpu.mgpu_block_matmul_ws
+        f = functools.partial(fn, interpret=interpret, **kw)
+        try:
+            out = jax.block_until_ready(f(xq, xs.T, wq, ws))
+        except Exception as e:  # noqa: BLE001  (a point that does not fit: report, go on)
+            print(f"{variant:<7}{kw}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        err = _max_rel(out, ref)
+        tflops = 2 * m * n * k / timed(f, xq, xs.T, wq, ws, iters=iters) / 1e12
+        print(f"{variant:<7}{kw}  max rel err {err:.1e}  {tflops:7.1f} TFLOP/s = "
+              f"{100 * tflops / 1358:5.1f}% of DeepGEMM's 1358")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-small", action="store_true",
@@ -131,9 +163,12 @@ def main():
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--block-m", type=int, default=None)
     ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--sweep", action="store_true", help="tune the Mosaic GPU kernels instead")
     args = ap.parse_args()
     backend = jax.default_backend()
     small = args.cpu_small or backend == "cpu"
+    if args.sweep:
+        return sweep(args.iters or (1 if small else 10))
     impls = [args.impl] if args.impl else (
         ["mosaic_gpu", "pallas"] if small else
         ["mosaic_gpu" if backend == "gpu" else "pallas"])

@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     bench)
       timeout 240 python3 bench/fp8_matmul.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
     sweep)
-      timeout 120 python3 -m pallas_kernels.fp8_matmul_mgpu 2>&1 | tee "$OUT/sweep.log" ;;
+      timeout 120 python3 bench/fp8_matmul.py --sweep 2>&1 | tee "$OUT/sweep.log" ;;
     train)
       n=$1; shift
       timeout 480 python3 bench/fp8_training.py --preset small --steps "$n" --batch 16 --seq 256 --fp8-kernels "${FP8_KERNELS:-auto}" --bf16-runs "${BF16_RUNS:-1}" \
