@@ -59,7 +59,8 @@ from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from dsv3_jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, abstract_like  # noqa: E402
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
-from dsv3_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu  # noqa: E402
+from dsv3_jax.flops import flops_per_token, measure_peak_flops, mfu  # noqa: E402
+from dsv3_jax.train.metrics import MetricsWriter  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, lr_schedule, make_optimizer  # noqa: E402
 from dsv3_jax.train.step import make_eval_step, split_model  # noqa: E402
 

@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 
 from dsv3_jax import Transformer, preset  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
-from dsv3_jax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
+from dsv3_jax.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
 
 

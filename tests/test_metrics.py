@@ -13,8 +13,8 @@ from tensorboardX.proto import event_pb2
 
 from dsv3_jax import plot
 from dsv3_jax.config import preset
-from dsv3_jax.train.metrics import (MetricsWriter, activated_matmul_params, flops_per_token,
-                                    measure_peak_flops, mfu)
+from dsv3_jax.flops import activated_matmul_params, flops_per_token, measure_peak_flops, mfu
+from dsv3_jax.train.metrics import MetricsWriter
 
 
 def read_jsonl(path):
