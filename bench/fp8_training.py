@@ -32,8 +32,8 @@ from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
 def model_config(args):
     if args.gin:
         import gin
-        import train  # registers the configurables
-        train.parse_gin([args.gin], [])
+        from dsv3_jax.train.main import parse_gin
+        parse_gin([args.gin], [])
         cfg = gin.get_configurable("ModelConfig")()
     else:
         cfg = preset(args.preset)

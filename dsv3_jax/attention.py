@@ -1,10 +1,14 @@
-"""The attention core behind one seam: `attention(q, k, v, ..., impl=...)`.
+"""The attention core behind one seam: `attention(q, k, v, mask, scale=..., impl=...)`.
 
-Shape letters: B batch, S query length, T key length, H heads, K qk head dim, Dv v head dim.
+Shape letters (the package legend, `dsv3_jax/__init__.py`): B batch, S queries, T keys, H heads,
+Hk key/value heads (H, or 1 when one key is shared by every head), Dk query/key width, Dv value
+width.
 
-The core stays in high precision (V3 report §3.3: attention is not an FP8 GEMM): scores and the
-softmax run in float32. `impl="reference"` is the plain jnp path that every kernel is checked
-against; kernels plug in here later.
+MLA uses the seam in two forms (`mla.py`): expanded, with per-head keys and values (Hk = H,
+Dk = 192 and Dv = 128 at V3 size), and absorbed, where every head attends to the one cached
+latent (Hk = 1, Dk = 576, Dv = 512). The core stays in high precision (V3 report §3.3: attention
+is not an FP8 GEMM): scores and the softmax run in float32. `impl="reference"` is the plain jnp
+path every kernel is checked against.
 """
 
 from __future__ import annotations
@@ -12,24 +16,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.errors import ConfigError
+
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+IMPLS = ("reference",)
 
 
-def causal_mask(q_pos: jax.Array, kv_pos: jax.Array, kv_valid: jax.Array | None = None) -> jax.Array:
-    """q_pos [B, S], kv_pos [B, T] -> bool [B, S, T]: key t is visible from query s."""
-    mask = kv_pos[:, None, :] <= q_pos[:, :, None]
-    if kv_valid is not None:
-        mask = mask & kv_valid[:, None, :]
-    return mask
+def causal_mask(q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
+    """q_pos [B,S], kv_pos [B,T] -> bool [B,S,T]: key t is visible from query s."""
+    return kv_pos[:, None, :] <= q_pos[:, :, None]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
               impl: str = "reference") -> jax.Array:
-    """q [B,S,H,K], k [B,T,H,K], v [B,T,H,Dv], mask [B,S,T] -> [B,S,H,Dv] in q's dtype."""
-    if impl != "reference":
-        raise ValueError(f"attention impl={impl!r}: expected 'reference'")
-    scores = jnp.einsum("bshk,bthk->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    """q [B,S,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv], mask [B,S,T] -> [B,S,H,Dv] in q's dtype."""
+    if impl not in IMPLS:
+        raise ConfigError(f"attention impl={impl!r}: expected one of {IMPLS}")
+    shared = k.shape[2] == 1 and q.shape[2] > 1  # one key/value head for all heads: no broadcast copy
+    qk = "bshk,btk->bhst" if shared else "bshk,bthk->bhst"
+    pv = "bhst,btd->bshd" if shared else "bhst,bthd->bshd"
+    if shared:
+        k, v = k[:, :, 0], v[:, :, 0]
+    scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhst,bthd->bshd", probs, v.astype(jnp.float32))
+    out = jnp.einsum(pv, probs, v.astype(jnp.float32))
     return out.astype(q.dtype)

@@ -1,28 +1,47 @@
 """A decoder block and a scanned stack of them.
 
+Shape letters (the package legend): B batch, S tokens, D `dim`, L layers of the stack.
+
 Pre-norm residual block as in DeepSeek's reference: x += attn(attn_norm(x)); x += ffn(ffn_norm(x)),
 where ffn is a dense SwiGLU MLP for the first `n_dense_layers` layers and DeepSeekMoE after.
 
-`BlockStack` creates L identical blocks with `nnx.vmap` (parameters get a leading `layers` axis,
-which `sharding.py` maps onto the pipeline axis) and runs them with `jax.lax.scan`, so the
-compiled program holds one block whatever L is. The remat policy wraps the scanned body.
+`BlockStack` creates L identical blocks with `nnx.vmap` (parameters get a leading layers axis,
+which `sharding.py` maps onto the pipeline axis for the MoE stack) and runs them with
+`jax.lax.scan`, so the compiled program holds one block whatever L is. The remat policy wraps the
+scanned body. A latent cache, when given, rides in the scan carry so that each layer writes only
+its S new slots.
+
+Two-micro-batch overlap (V3 report §3.2.1-§3.2.2, ISCA '25 §2.3.1): with `overlap`, the batch is
+split into two halves A (even rows) and B (odd rows) and every layer runs both, A then B. Nothing
+in B's chain reads A's values and vice versa, so while A's dispatch or combine all-to-all is on the
+network, B's attention and expert GEMMs are free to run; XLA's latency-hiding scheduler
+(`parallel/xla_flags.py`) makes the collectives asynchronous and places independent compute between
+their start and done. DeepSeek does the same by hand with SM partitioning; here the data
+dependencies are the whole mechanism, and `tests/test_overlap.py` checks them in the compiled HLO.
+Splitting rows as reshape [B,S] -> [B/2, 2, S] keeps both halves sharded like the batch, with no
+communication.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.context import Context
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.layers import MLP, RMSNorm
 from dsv3_jax.mla import MLA
-from dsv3_jax.moe import MoE
+from dsv3_jax.moe import MoE, MoEStats
 
 REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+MICRO = ("mb0", "mb1")  # named scopes of the two overlapped halves: the HLO test finds their ops by them
 
 
 class Block(nnx.Module):
@@ -39,15 +58,14 @@ class Block(nnx.Module):
                            fp8_weights=cfg.fp8_weights)
         self.moe = moe
 
-    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict]:
-        """x [B,S,D] -> x [B,S,D], MoE stats ({} for a dense block)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, ctx: Context, cache: LatentCache | None = None, layer=0, *,
+                 form: str = "expanded") -> tuple[jax.Array, MoEStats | None, LatentCache | None]:
+        """x [B,S,D] -> x [B,S,D], MoE stats (None for a dense block), the cache (see MLA)."""
+        a, cache = self.attn(self.attn_norm(x), ctx, cache, layer, form=form)
+        x = x + a
         h = self.ffn_norm(x)
-        if self.moe:
-            y, stats = self.ffn(h)
-        else:
-            y, stats = self.ffn(h), {}
-        return x + y, stats
+        y, stats = self.ffn(h) if self.moe else (self.ffn(h), None)
+        return x + y, stats, cache
 
 
 def prepend_axis(module: nnx.Module, name: str) -> None:
@@ -56,25 +74,59 @@ def prepend_axis(module: nnx.Module, name: str) -> None:
         var.set_metadata("logical_axes", (name,) + tuple(var.get_metadata()["logical_axes"]))
 
 
+def split_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, ...] -> even rows [B/2, ...], odd rows [B/2, ...] (no data movement under the batch sharding)."""
+    pairs = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
+
+
+def join_pair(a: jax.Array, b: jax.Array, axis: int = 0) -> jax.Array:
+    """Inverse of split_pair along `axis`."""
+    stacked = jnp.stack([a, b], axis=axis + 1)
+    shape = list(a.shape)
+    shape[axis] *= 2
+    return stacked.reshape(shape)
+
+
 class BlockStack(nnx.Module):
-    def __init__(self, cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, n: int, *, moe: bool, axis: str, rngs: nnx.Rngs):
+        """n blocks; `axis` is the logical name of their stacked leading axis (see sharding.RULES)."""
         @nnx.split_rngs(splits=n)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r):
             return Block(cfg, moe=moe, rngs=r)
 
         self.blocks = make(rngs)
-        prepend_axis(self.blocks, "layers")
+        prepend_axis(self.blocks, axis)
         self.n = n
         self.remat = cfg.remat
 
-    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, dict]:
-        """x [B,S,D] -> x [B,S,D], per-layer stats stacked on a leading L axis."""
+    def __call__(self, x: jax.Array, ctx: Context, cache: LatentCache | None = None, *,
+                 form: str = "expanded", overlap: bool = False):
+        """x [B,S,D] -> x [B,S,D], per-layer MoEStats [L] (None for dense layers), the stack's cache
+        [L,B,T,...] with the S new latents written in every layer."""
+        if overlap and (cache is not None or x.shape[0] % 2):
+            raise ConfigError(f"overlap: two micro-batches need an even batch (got {x.shape[0]}) and no cache")
         graphdef, state = nnx.split(self.blocks)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask)
+        def body(carry, xs):
+            h, c = carry
+            layer_state, layer = xs
+            block = nnx.merge(graphdef, layer_state)
+            if not overlap:
+                h, stats, c = block(h, ctx, c, layer, form=form)
+                return (h, c), stats
+            outs = []
+            for name, half, half_ctx in zip(MICRO, h, halves):
+                with jax.named_scope(name):
+                    outs.append(block(half, half_ctx, form=form))
+            (ha, sa, _), (hb, sb, _) = outs
+            return ((ha, hb), c), (None if sa is None else sa.combine(sb))
 
         if REMAT[self.remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[self.remat])
-        return jax.lax.scan(body, x, state)
+        if overlap:
+            halves = tuple(jax.tree.map(lambda v, i=i: split_pair(v)[i], ctx) for i in (0, 1))
+            x = split_pair(x)
+        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.n)))
+        return (join_pair(*x) if overlap else x), stats, cache

@@ -19,6 +19,8 @@ import math
 import re
 from typing import Any
 
+from dsv3_jax.errors import ConfigError
+
 SCORE_FUNCS = ("sigmoid", "softmax")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16")
@@ -87,7 +89,7 @@ class ModelConfig:
 
     def __post_init__(self):
         def bad(field: str, why: str):
-            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+            raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
 
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
                   "v_head_dim", "max_seq_len"):
@@ -223,18 +225,18 @@ _HF_KEYS = {
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     model_type = hf.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-        raise ValueError(f"config.json model_type={model_type!r}: expected 'deepseek_v3' or 'deepseek_v2'")
+        raise ConfigError(f"config.json model_type={model_type!r}: expected 'deepseek_v3' or 'deepseek_v2'")
     out = {ours: hf[k] for k, ours in _HF_KEYS.items() if hf.get(k) is not None}
     out["q_lora_rank"] = hf.get("q_lora_rank") or 0
     if hf.get("moe_layer_freq", 1) != 1:
-        raise ValueError(f"config.json moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer "
+        raise ConfigError(f"config.json moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer "
                          "after the dense ones is MoE) is supported")
     if hf.get("tie_word_embeddings", False):
-        raise ValueError("config.json tie_word_embeddings=true: DeepSeek models have an untied head")
+        raise ConfigError("config.json tie_word_embeddings=true: DeepSeek models have an untied head")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: expected 'silu'")
+        raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r}: expected 'silu'")
     if hf.get("attention_bias", False):
-        raise ValueError("config.json attention_bias=true: DeepSeek attention has no biases")
+        raise ConfigError("config.json attention_bias=true: DeepSeek attention has no biases")
     topk_method = hf.get("topk_method", "noaux_tc" if model_type != "deepseek_v2" else "greedy")
     out["gate_bias"] = topk_method == "noaux_tc"
     if model_type == "deepseek_v2" and topk_method == "greedy":
@@ -256,7 +258,7 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         out["mscale"] = float(rope.get("mscale", 1.0) or 0.0)
         out["mscale_all_dim"] = float(rope.get("mscale_all_dim", 0.0) or 0.0)
     elif rtype != "default":
-        raise ValueError(f"config.json rope type {rtype!r}: expected 'yarn' or 'default'")
+        raise ConfigError(f"config.json rope type {rtype!r}: expected 'yarn' or 'default'")
     return out
 
 
@@ -323,5 +325,5 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

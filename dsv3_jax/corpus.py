@@ -22,6 +22,8 @@ import pathlib
 import sys
 import sysconfig
 
+from dsv3_jax.errors import ConfigError, MissingFileError
+
 CORPUS_MAX_BYTES = 16 * 2**20
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 
@@ -37,7 +39,7 @@ def _is_excluded(rel: pathlib.PurePath) -> bool:
 def corpus_files(max_bytes: int = CORPUS_MAX_BYTES) -> list[pathlib.Path]:
     """Absolute paths of the corpus files, in corpus order, up to ``max_bytes``."""
     if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        raise ConfigError(f"max_bytes must be positive, got {max_bytes}")
     root = stdlib_root()
     rels = sorted(
         (p.relative_to(root) for p in root.rglob("*.py")), key=lambda r: r.as_posix())
@@ -51,7 +53,7 @@ def corpus_files(max_bytes: int = CORPUS_MAX_BYTES) -> list[pathlib.Path]:
         files.append(path)
         total += path.stat().st_size
     if not files:
-        raise FileNotFoundError(f"no standard-library .py files found under {root}")
+        raise MissingFileError(f"no standard-library .py files found under {root}")
     return files
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from dsv3_jax import corpus
 from dsv3_jax.tokenizer import Tokenizer, get_tokenizer
+from dsv3_jax.errors import ConfigError, DataError, MissingFileError
 
 FORMATS = ("auto", "text", "jsonl", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -74,13 +75,13 @@ class DataConfig:
             object.__setattr__(self, "sources", (self.sources,))
         object.__setattr__(self, "sources", tuple(map(str, self.sources)))
         if self.format not in FORMATS:
-            raise ValueError(f"format {self.format!r} is not one of {FORMATS}")
+            raise ConfigError(f"DataConfig.format {self.format!r} is not one of {FORMATS}")
         if self.token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token_dtype {self.token_dtype!r} is not one of {TOKEN_DTYPES}")
+            raise ConfigError(f"DataConfig.token_dtype {self.token_dtype!r} is not one of {TOKEN_DTYPES}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+            raise ConfigError(f"DataConfig.val_fraction {self.val_fraction} must be in [0, 1)")
         if self.corpus_max_bytes <= 0:
-            raise ValueError(f"corpus_max_bytes {self.corpus_max_bytes} must be positive")
+            raise ConfigError(f"DataConfig.corpus_max_bytes {self.corpus_max_bytes} must be positive")
 
 
 @dataclasses.dataclass
@@ -136,12 +137,12 @@ def resolve_sources(sources: tuple[str, ...]) -> list[pathlib.Path]:
         if any(c in src for c in "*?["):
             matches = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise FileNotFoundError(f"source glob {src!r} matches no files")
+                raise MissingFileError(f"source glob {src!r} matches no files")
             files += matches
         elif os.path.isfile(src):
             files.append(src)
         else:
-            raise FileNotFoundError(f"source {src!r} does not exist or is not a file")
+            raise MissingFileError(f"source {src!r} does not exist or is not a file")
     return [pathlib.Path(f) for f in files]
 
 
@@ -157,7 +158,7 @@ def read_documents(path: pathlib.Path, fmt: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"source {str(path)!r} is not UTF-8 text ({e.reason}); "
+        raise DataError(f"source {str(path)!r} is not UTF-8 text ({e.reason}); "
                          f"use format='tokens' for token files") from None
     if fmt == "text":
         return [text]
@@ -168,9 +169,9 @@ def read_documents(path: pathlib.Path, fmt: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: JSONL line has no string 'text' field")
+            raise DataError(f"{path}:{lineno}: JSONL line has no string 'text' field")
         docs.append(record["text"])
     return docs
 
@@ -185,13 +186,13 @@ def load_token_file(path: pathlib.Path, token_dtype: str) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ValueError(f"token file {str(path)!r} holds {tokens.dtype} {tokens.shape}; "
+            raise DataError(f"token file {str(path)!r} holds {tokens.dtype} {tokens.shape}; "
                              f"expected a 1-D integer array")
         return tokens
     dtype = np.dtype(token_dtype)
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise ValueError(f"token file {str(path)!r} has {size} bytes, not a multiple of "
+        raise DataError(f"token file {str(path)!r} has {size} bytes, not a multiple of "
                          f"token_dtype {token_dtype} ({dtype.itemsize} bytes)")
     if size == 0:
         return np.zeros(0, dtype)
@@ -253,7 +254,7 @@ def _token_streams(cfg: DataConfig, files, vocab_size: int) -> tuple[list, list]
         if len(tokens) and np.iinfo(tokens.dtype).max >= vocab_size:
             top = int(tokens.max())
             if top >= vocab_size:
-                raise ValueError(f"token file {str(f)!r} holds token id {top} >= "
+                raise DataError(f"token file {str(f)!r} holds token id {top} >= "
                                  f"vocab_size {vocab_size}")
         cut = len(tokens) - int(len(tokens) * cfg.val_fraction)
         train.append(tokens[:cut])
@@ -273,18 +274,18 @@ def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_si
               process_count: int = 1) -> Data:
     """Builds this process's training iterator and validation batches (see module doc)."""
     if seq_len <= 0 or global_batch_size <= 0:
-        raise ValueError(f"seq_len {seq_len} and global_batch_size {global_batch_size} "
+        raise DataError(f"seq_len {seq_len} and global_batch_size {global_batch_size} "
                          f"must be positive")
     if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
+        raise DataError(f"process_index {process_index} must be in [0, {process_count})")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+        raise DataError(f"global_batch_size {global_batch_size} is not divisible by "
                          f"process_count {process_count}")
     workdir = pathlib.Path(workdir)
     files = resolve_sources(cfg.sources)
     formats = [file_format(f, cfg.format) for f in files]
     if len({fmt == "tokens" for fmt in formats}) > 1:
-        raise ValueError(f"sources mix token files and text files: {cfg.sources}")
+        raise DataError(f"sources mix token files and text files: {cfg.sources}")
     pretokenized = bool(formats) and formats[0] == "tokens"
 
     tok = None
@@ -292,7 +293,7 @@ def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_si
         tok = get_tokenizer(cfg.tokenizer_path, vocab_size=vocab_size, workdir=workdir,
                             corpus_max_bytes=cfg.corpus_max_bytes)
         if tok.vocab_size > vocab_size:
-            raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than "
+            raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than "
                              f"the model's vocab_size {vocab_size}")
     if pretokenized:
         train_streams, val_streams = _token_streams(cfg, files, vocab_size)
@@ -305,10 +306,10 @@ def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_si
     what = (f"of seq_len + 1 = {seq_len + 1} tokens, fewer than "
             f"global_batch_size {global_batch_size}")
     if len(train_windows) < global_batch_size:
-        raise ValueError(f"the training split has {len(train_windows)} windows {what}; "
+        raise DataError(f"the training split has {len(train_windows)} windows {what}; "
                          f"add data or lower seq_len or global_batch_size")
     if cfg.val_fraction > 0 and len(val_windows) < global_batch_size:
-        raise ValueError(f"the validation split (val_fraction {cfg.val_fraction}) has "
+        raise DataError(f"the validation split (val_fraction {cfg.val_fraction}) has "
                          f"{len(val_windows)} windows {what}")
 
     local = global_batch_size // process_count

@@ -12,6 +12,7 @@ must be used: anything else is an error that names the tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
+from dsv3_jax.errors import CheckpointError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +89,40 @@ def _layer_offset(path: tuple, cfg: ModelConfig) -> int:
 
 
 # ---- reading ----------------------------------------------------------------------------------
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def _opened(fname: str):
+    """safe_open, with the library's errors (a truncated file, a bad header) as CheckpointErrors."""
+    try:
+        f = safe_open(fname, "numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{fname}: cannot read safetensors ({e})") from None
+    with f:
+        try:
+            yield f
+        except SafetensorError as e:
+            raise CheckpointError(f"{fname}: cannot read safetensors ({e})") from None
+
+
 class SafetensorsDir:
     """Lazy access to the tensors of one HF directory: model.safetensors, or an index + shards."""
 
     def __init__(self, path: str):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index)["weight_map"]
         elif os.path.exists(os.path.join(path, "model.safetensors")):
-            with safe_open(os.path.join(path, "model.safetensors"), "numpy") as f:
+            with _opened(os.path.join(path, "model.safetensors")) as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+            raise MissingFileError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
         self.path, self.weight_map = path, weight_map
 
     def keys(self) -> set[str]:
@@ -107,7 +130,7 @@ class SafetensorsDir:
 
     def get(self, key: str) -> np.ndarray:
         fname = os.path.join(self.path, self.weight_map[key])
-        with safe_open(fname, "numpy") as f:
+        with _opened(fname) as f:
             if f.get_slice(key).get_dtype() == "F8_E4M3":
                 return _read_fp8(fname, key)
             return f.get_tensor(key)
@@ -129,7 +152,7 @@ def dequantize_block_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = 128)
     n, k = w.shape
     want = (-(-n // block), -(-k // block))
     if scale_inv.shape != want:
-        raise ValueError(f"weight_scale_inv shape {scale_inv.shape} for weight {w.shape}: expected {want}")
+        raise CheckpointError(f"weight_scale_inv shape {scale_inv.shape} for weight {w.shape}: expected {want}")
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:n, :k]
     return w.astype(np.float32) * s
 
@@ -152,14 +175,13 @@ def from_pretrained(path: str, *, keep_fp8: bool = False, **overrides) -> Transf
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    with open(cfg_file) as f:
-        hf_cfg = json.load(f)
+        raise MissingFileError(f"{path}: not a checkpoint directory (no config.json)")
+    hf_cfg = read_json(cfg_file)
     cfg = ModelConfig.from_hf_config(hf_cfg, **overrides)
     src = SafetensorsDir(path)
     if keep_fp8:
         if not any(k.endswith("weight_scale_inv") for k in src.keys()):
-            raise ValueError(f"{path}: keep_fp8=True but the checkpoint has no FP8 weights (weight_scale_inv)")
+            raise CheckpointError(f"{path}: keep_fp8=True but the checkpoint has no FP8 weights (weight_scale_inv)")
         cfg = cfg.replace(fp8_weights=True)
     mtp_keys = {k for k in src.keys() if k.startswith(f"model.layers.{cfg.n_layers}.")}
     if cfg.n_mtp_modules and not mtp_keys:
@@ -194,7 +216,7 @@ def from_pretrained(path: str, *, keep_fp8: bool = False, **overrides) -> Transf
             used.add(k)
     unknown = sorted(src.keys() - used)
     if missing or misshaped or unknown:
-        raise ValueError(f"{path}: checkpoint does not match config "
+        raise CheckpointError(f"{path}: checkpoint does not match config "
                          f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}; "
                          f"mis-shaped {misshaped[:8]}; unknown {unknown[:8]}{'...' if len(unknown) > 8 else ''})")
     return nnx.merge(graphdef, state)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import fp8_block_matmul, fp8_linear, quantize_act_1x128
+from dsv3_jax.errors import ConfigError
 
 
 def dtype_of(name: str):
@@ -49,7 +50,7 @@ def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", sca
     if impl.startswith("fp8"):
         return fp8_linear(x.astype(dtype), weight.astype(dtype), fp8_kernel(impl))
     if impl != "default":
-        raise ValueError(f"linear impl={impl!r}: expected 'default', 'fp8' or 'fp8:<kernel>'")
+        raise ConfigError(f"linear impl={impl!r}: expected 'default', 'fp8' or 'fp8:<kernel>'")
     return jnp.einsum("...k,nk->...n", x.astype(dtype), weight.astype(dtype))
 
 

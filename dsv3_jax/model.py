@@ -1,32 +1,43 @@
 """The DeepSeek-V3 language model: embedding, dense then MoE blocks (scanned), final norm, head, MTP.
 
-Shape letters: B batch, S sequence, D `dim`, V vocabulary, L layers, E routed experts, D_mtp depth.
+Shape letters (the package legend): B batch, S tokens, D `dim`, V vocabulary, L layers,
+E routed experts, Dm MTP depth (modules), Tb token-buffer length.
+
+This file holds the one forward pass. `forward` is the training composition
+(context -> trunk -> heads); its pieces are public so that every other caller composes the same
+code instead of copying it: a pipeline stage runs `trunk` on its range of stacks and the last
+stage `heads`; inference runs `trunk` with a latent cache (expanded attention for prefill,
+absorbed for decoding) and `mtp_chain` to draft.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.attention import causal_mask
 from dsv3_jax.block import BlockStack
+from dsv3_jax.cache import Cache, LatentCache
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.context import Context, make_context, sequence_positions
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.layers import Embedding, RMSNorm, normal_param
-from dsv3_jax.mtp import MTPModule, shift_tokens
-from dsv3_jax.rope import rope_tables
+from dsv3_jax.moe import MoEStats
+from dsv3_jax.mtp import MTPModule, tokens_ahead
+
+STACKS = ("dense_layers", "moe_layers")  # in order; each may be absent (n_dense_layers = 0, ...)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
     logits: jax.Array  # [B,S,V] float32, position i predicts token i+1
-    mtp_logits: jax.Array | None  # [D_mtp,B,S,V] float32, depth k at position i predicts token i+k+1
-    moe_load: jax.Array | None  # [L_moe + D_mtp, E] tokens per expert per MoE layer (MTP last)
-    moe_balance: jax.Array | None  # [L_moe + D_mtp] sequence-wise balance loss, before alpha
+    mtp_logits: jax.Array | None  # [Dm,B,S,V] float32, depth k at position i predicts token i+k+1
+    moe: MoEStats | None  # per MoE layer [L_moe + Dm, ...], MTP modules last
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
@@ -35,10 +46,10 @@ def check_tokens(tokens, vocab_size: int) -> None:
         return
     arr = np.asarray(tokens)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"tokens: expected integer ids of shape [batch, seq], got {arr.dtype} {arr.shape}")
+        raise ConfigError(f"tokens: expected integer ids of shape [batch, seq], got {arr.dtype} {arr.shape}")
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(f"tokens: ids must lie in [0, {vocab_size}) (the model's vocab_size); "
-                         f"got min {arr.min()}, max {arr.max()}")
+        raise ConfigError(f"tokens: ids must lie in [0, {vocab_size}) (the model's vocab_size); "
+                          f"got min {arr.min()}, max {arr.max()}")
 
 
 class Transformer(nnx.Module):
@@ -46,57 +57,106 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.dim, std=cfg.init_std, dtype=cfg.dtype,
                                param_dtype=cfg.param_dtype, rngs=rngs)
-        self.dense_layers = (BlockStack(cfg, cfg.n_dense_layers, moe=False, rngs=rngs)
+        # The dense stack's layers axis is not the pipeline's: only the MoE layers are split over
+        # stages (the dense ones run on the first stage with the embedding).
+        self.dense_layers = (BlockStack(cfg, cfg.n_dense_layers, moe=False, axis="dense_layers", rngs=rngs)
                              if cfg.n_dense_layers else None)
-        self.moe_layers = BlockStack(cfg, cfg.n_moe_layers, moe=True, rngs=rngs) if cfg.n_moe_layers else None
+        self.moe_layers = (BlockStack(cfg, cfg.n_moe_layers, moe=True, axis="layers", rngs=rngs)
+                           if cfg.n_moe_layers else None)
         self.norm = RMSNorm(cfg.dim, "embed", eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.head = normal_param(rngs, (cfg.vocab_size, cfg.dim), cfg.init_std, cfg.param_dtype,
                                  ("vocab", "embed"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.n_mtp_modules)])
 
-    def project(self, h: jax.Array, norm: RMSNorm) -> jax.Array:
-        """Final norm + output head in float32: h [B,S,D] -> logits [B,S,V]."""
+    # ---- the pieces -------------------------------------------------------------------------------
+    def context(self, positions: jax.Array, kv_len: int | None = None) -> Context:
+        """positions [B,S] -> the call's rope tables and mask (over kv_len cache slots, if given)."""
+        return make_context(self.cfg, positions, kv_len)
+
+    def stacks(self) -> list[BlockStack]:
+        return [s for s in (getattr(self, name) for name in STACKS) if s is not None]
+
+    def trunk(self, h: jax.Array, ctx: Context, caches: tuple[LatentCache, ...] | None = None, *,
+              form: str = "expanded", overlap: bool = False, only: str | None = None):
+        """h [B,S,D] (embedded tokens) through the dense then MoE stacks -> h [B,S,D] before the final
+        norm, MoEStats [L_moe] (None without MoE layers), caches (one per stack, as `Cache.layers`).
+
+        `only` runs one stack ("dense_layers" or "moe_layers"): a pipeline stage's range.
+        """
+        stacks = self.stacks()
+        caches = (None,) * len(stacks) if caches is None else caches
+        new, stats = [], None
+        for stack, cache in zip(stacks, caches, strict=True):
+            if only is None or stack is getattr(self, only):
+                h, st, cache = stack(h, ctx, cache, form=form, overlap=overlap)
+                stats = st if stack is self.moe_layers else stats
+            new.append(cache)
+        return h, stats, tuple(new)
+
+    def logits(self, h: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
+        """Final norm (the main model's, or an MTP module's) + the shared head in float32:
+        h [B,S,D] -> logits [B,S,V]."""
+        norm = self.norm if norm is None else norm
         return jnp.einsum("bsd,vd->bsv", norm(h), self.head[...].astype(h.dtype),
                           preferred_element_type=jnp.float32)
 
-    def trunk(self, tokens: jax.Array, positions: jax.Array):
-        """tokens, positions [B,S] -> last hidden state [B,S,D] before the final norm, MoE stats, rope, mask."""
-        cos, sin = rope_tables(self.cfg, positions)
-        mask = causal_mask(positions, positions)
-        h = self.embed(tokens)
-        if self.dense_layers is not None:
-            h, _ = self.dense_layers(h, cos, sin, mask)
-        stats = {}
-        if self.moe_layers is not None:
-            h, stats = self.moe_layers(h, cos, sin, mask)
-        return h, stats, (cos, sin, mask)
+    def mtp_chain(self, h: jax.Array, tokens: jax.Array, ctx: Context, caches: tuple[LatentCache, ...] | None = None,
+                  *, depth: int | None = None, form: str = "expanded",
+                  after_depth: Callable[[int, jax.Array, jax.Array], jax.Array] | None = None):
+        """The MTP modules 1..depth in sequence (mtp.py), sharing the embedding.
 
+        h [B,S,D]: the main model's *normalised* hidden state at ctx.positions; tokens [B,Tb]: every
+        known token by position (module k at position i reads the token at i + k).
+        after_depth(k, h_k, tokens) -> tokens runs after module k and may write tokens (speculative
+        decoding stores its draft there for module k+1 to read).
+        -> hidden states [h_1 .. h_depth] (before each module's norm), MoEStats [depth] or None,
+        caches (one per module when given).
+        """
+        depth = len(self.mtp) if depth is None else depth
+        hs, stats, new = [], [], []
+        for k in range(1, depth + 1):
+            emb = self.embed(tokens_ahead(tokens, ctx.positions, k))
+            cache = None if caches is None else caches[k - 1]
+            h, st, cache = self.mtp[k - 1](h, emb, ctx, cache, form=form)
+            if after_depth is not None:
+                tokens = after_depth(k, h, tokens)
+            hs.append(h)
+            stats.append(None if st is None else jax.tree.map(lambda a: a[None], st))
+            new.append(cache)
+        return hs, MoEStats.concat(stats), (None if caches is None else tuple(new))
+
+    def heads(self, h: jax.Array, tokens: jax.Array, ctx: Context, stats: MoEStats | None = None, *,
+              with_mtp: bool = True) -> ModelOutput:
+        """Final norm + head, and the MTP chain on the shared embedding and head (the last pipeline
+        stage's part). h [B,S,D] from `trunk`, tokens [B,S] the inputs, stats the trunk's."""
+        mtp_logits = None
+        if with_mtp and len(self.mtp):
+            # depth 1 reads the main model's normalised output (as HF and vLLM do)
+            hs, mtp_stats, _ = self.mtp_chain(self.norm(h), tokens, ctx)
+            mtp_logits = jnp.stack([self.logits(hk, m.norm) for hk, m in zip(hs, self.mtp)])
+            stats = MoEStats.concat([stats, mtp_stats])
+        return ModelOutput(logits=self.logits(h), mtp_logits=mtp_logits, moe=stats)
+
+    # ---- the compositions ---------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [B,S] int -> float32 logits [B,S,V] of the main head."""
         return self.forward(tokens, with_mtp=False).logits
 
-    def forward(self, tokens: jax.Array, *, with_mtp: bool = True) -> ModelOutput:
-        """tokens [B,S] int -> ModelOutput (main logits, MTP logits, per-layer MoE statistics)."""
+    def forward(self, tokens: jax.Array, *, with_mtp: bool = True, overlap: bool = False) -> ModelOutput:
+        """Training forward: tokens [B,S] int -> ModelOutput (main logits, MTP logits, MoE statistics).
+        `overlap` runs the stacks as two interleaved micro-batches (block.py); same outputs."""
         check_tokens(tokens, self.cfg.vocab_size)
-        B, S = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        h, stats, (cos, sin, mask) = self.trunk(tokens, positions)
-        logits = self.project(h, self.norm)
-        loads, balances = [stats["load"]] if stats else [], [stats["balance"]] if stats else []
-        mtp_logits = None
-        if with_mtp and len(self.mtp):
-            outs = []
-            h = self.norm(h)  # depth 1 reads the main model's normalised output (as HF and vLLM do)
-            for k, module in enumerate(self.mtp, start=1):
-                h, st = module(h, self.embed(shift_tokens(tokens, k)), cos, sin, mask)
-                outs.append(self.project(h, module.norm))
-                if st:
-                    loads.append(st["load"][None])
-                    balances.append(st["balance"][None])
-            mtp_logits = jnp.stack(outs)
-        return ModelOutput(
-            logits=logits,
-            mtp_logits=mtp_logits,
-            moe_load=jnp.concatenate(loads) if loads else None,
-            moe_balance=jnp.concatenate(balances) if balances else None,
-        )
+        ctx = self.context(sequence_positions(*tokens.shape))
+        h, stats, _ = self.trunk(self.embed(tokens), ctx, overlap=overlap)
+        return self.heads(h, tokens, ctx, stats, with_mtp=with_mtp)
+
+    def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: Cache, *, form: str):
+        """Inference forward over S new tokens at `positions` [B,S], attending over the cache's T
+        slots -> hidden state [B,S,D] before the final norm, the cache with their latents written.
+
+        Prefill is the call with positions 0..S-1 of an S-slot cache and form="expanded"; a decode
+        step or a speculative verification the call at length + (0..S-1) with form="absorbed".
+        """
+        ctx = self.context(positions, kv_len=cache.slots)
+        h, _, layers = self.trunk(self.embed(tokens), ctx, cache.layers, form=form)
+        return h, dataclasses.replace(cache, layers=layers)

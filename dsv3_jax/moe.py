@@ -1,7 +1,7 @@
 """DeepSeekMoE: shared + routed SwiGLU experts, a group-limited top-k gate, dropless dispatch.
 
-Shape letters: B batch, S sequence, N = B*S tokens, D `dim`, E routed experts, K activated
-experts per token, G expert groups, F `moe_inter_dim`.
+Shape letters (the package legend): B batch, S sequence, N = B*S tokens, D `dim`, E routed
+experts, K activated experts per token, G expert groups, F `moe_inter_dim`, L MoE layers.
 
 The gate (V3 report §2.1.2, eqs. 12-16):
   s = sigmoid(x . e_i)  (V3)   or softmax over experts (V2);
@@ -14,27 +14,59 @@ The gate (V3 report §2.1.2, eqs. 12-16):
   `route_scale`.
 The bias is a `RouterBias` variable, not a `Param`: no gradient, no optimizer state, no weight
 decay. Training moves it by gamma * sign(mean load - load) after each step (`train/balance.py`),
-from the per-expert load counts this module returns.
+from the per-expert load counts in the `MoEStats` this module returns.
 
-Dispatch is dropless (no capacity): token copies are sorted by expert and run through
-`jax.lax.ragged_dot` per weight matrix (moe_impl="ragged"), or through tile-padded batched GEMMs
-("tiled", the fast form on XLA:CPU). `moe_dense` computes every expert on every token and is the
-reference the tests compare against.
+Dispatch is dropless (no capacity): `experts.routed_experts` on the local tokens (moe_impl
+"ragged" or "tiled"), or expert parallel over the mesh (`parallel/ep.py`, moe_impl "ep");
+`experts.dense_reference` (moe_impl "dense") computes every expert on every token.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, fp8_kernel, fp8_weight, normal_param
-from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.experts import Experts, dense_reference, routed_experts
+from dsv3_jax.layers import MLP, normal_param
+from dsv3_jax.parallel.ep import moe_ep
 
 
 class RouterBias(nnx.Variable):
     """e_score_correction_bias [E]: selection-only bias, updated outside the gradient."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEStats:
+    """What MoE layers report, per layer (leading axes: layers, or none for one layer).
+
+    Counts add up over parts of a batch; means are averaged (`combine`, the one merge rule).
+    """
+
+    load: jax.Array  # [..., E] int32 tokens routed to each expert
+    balance: jax.Array  # [...] f32 sequence-wise balance loss, before alpha
+    ep_dropped: jax.Array | None = None  # [...] int32 token-shard pairs over capacity (moe_impl "ep")
+    ep_shards: jax.Array | None = None  # [...] f32 mean shards a token reaches (moe_impl "ep")
+
+    def combine(self, other: "MoEStats") -> "MoEStats":
+        """The statistics of two equal halves of one batch as those of the whole batch."""
+        add = lambda a, b: None if a is None else a + b  # noqa: E731
+        mean = lambda a, b: None if a is None else (a + b) / 2  # noqa: E731
+        return MoEStats(add(self.load, other.load), mean(self.balance, other.balance),
+                        add(self.ep_dropped, other.ep_dropped), mean(self.ep_shards, other.ep_shards))
+
+    @staticmethod
+    def concat(parts: list["MoEStats | None"]) -> "MoEStats | None":
+        """Stack per-layer statistics of consecutive layer ranges (each with a leading layers axis)."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig):
@@ -76,80 +108,14 @@ def sequence_balance_loss(scores: jax.Array, indices: jax.Array, n_experts: int)
     return (f * p).sum(axis=-1).mean()
 
 
-def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=None):
-    """Expert-sorted rows a [M, in] times their expert's w [E, out, in] -> [M, out].
-
-    The MoE twin of layers.linear: "default" is lax.ragged_dot in `dtype`; "fp8" the FP8 training
-    GEMMs; a `scale` [E, out/128, in/128] means w is stored in e4m3 (FP8 inference).
-    """
-    if scale is not None:
-        aq, as_ = quantize_act_1x128(a.astype(dtype))
-        return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
-    if impl.startswith("fp8"):  # no grouped Mosaic GPU kernel yet: "mosaic_gpu" means "auto" here
-        kernel = fp8_kernel(impl)
-        return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes,
-                                  "auto" if kernel == "mosaic_gpu" else kernel)
-    if impl == "tiled":
-        return tiled_grouped_matmul(a.astype(dtype), w.astype(dtype), group_sizes)
-    # ragged_dot wants (E, in, out)
-    return jax.lax.ragged_dot(a.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype), group_sizes,
-                              preferred_element_type=jnp.float32).astype(dtype)
-
-
-def tiled_grouped_matmul(a, w, group_sizes, tile: int = 64):
-    """grouped_matmul as one batched dense GEMM: each expert's rows are padded to whole tiles
-    (DeepGEMM's "contiguous layout") and every tile multiplies its expert's weight.
-
-    XLA:CPU runs lax.ragged_dot as a masked loop over groups; this form does the same FLOPs plus at
-    most E*(tile-1) padding rows, in one batched matmul. Shapes are static: the tile count is the
-    worst case ceil((M + E*(tile-1)) / tile). a [M, in] sorted by expert, w [E, out, in] -> [M, out].
-    """
-    M, E = a.shape[0], w.shape[0]
-    padded = (group_sizes + tile - 1) // tile * tile
-    padded_end = jnp.cumsum(padded)
-    padded_start, start = padded_end - padded, jnp.cumsum(group_sizes) - group_sizes
-    expert_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
-    T = -(-(M + E * (tile - 1)) // tile)
-    # rows past sum(group_sizes) belong to no expert: they go nowhere and come back as zeros
-    dest = jnp.where(jnp.arange(M) < start[-1] + group_sizes[-1],
-                     padded_start[expert_of_row] + jnp.arange(M) - start[expert_of_row], T * tile)
-    buf = jnp.zeros((T * tile, a.shape[1]), a.dtype).at[dest].set(a, mode="drop")
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(T) * tile, side="right"), E - 1)
-    y = jnp.einsum("tmi,toi->tmo", buf.reshape(T, tile, -1), w[tile_expert],
-                   preferred_element_type=jnp.float32).astype(a.dtype)
-    return y.reshape(T * tile, -1).at[dest].get(mode="fill", fill_value=0)
-
-
-def moe_ragged(x, weights, indices, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3):
-    """Dropless routed experts. x [N,D], weights/indices [N,K], w1/w3 [E,F,D], w2 [E,D,F] -> [N,D]."""
-    N, K = indices.shape
-    flat = indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
-    group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    mm = lambda a, w, s: grouped_matmul(a, w, group_sizes, dtype=dtype, impl=impl, scale=s)  # noqa: E731
-    xs = x[order // K]
-    h = jax.nn.silu(mm(xs, w1, scales[0])) * mm(xs, w3, scales[2])
-    y_sorted = mm(h, w2, scales[1])
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(dtype)
-
-
-def moe_dense(x, weights, indices, w1, w2, w3, *, dtype):
-    """Reference: every expert on every token, combined with the gate weights (zero if unchosen)."""
-    E = w1.shape[0]
-    combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(indices, E, dtype=weights.dtype))
-    x = x.astype(dtype)
-    h = jax.nn.silu(jnp.einsum("nd,efd->nef", x, w1.astype(dtype))) * jnp.einsum("nd,efd->nef", x, w3.astype(dtype))
-    y = jnp.einsum("nef,edf->ned", h, w2.astype(dtype))
-    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine).astype(dtype)
-
-
 class Gate(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # "router", not "exp": every device routes its own tokens over all E experts, so the gate
+        # is replicated even where the experts are sharded.
         self.weight = normal_param(rngs, (cfg.n_routed_experts, cfg.dim), cfg.init_std, cfg.param_dtype,
-                                   ("exp", "embed"))
+                                   ("router", "embed"))
         if cfg.gate_bias:
-            self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("exp",))
+            self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
         self.cfg = cfg
 
     def __call__(self, x: jax.Array):
@@ -157,31 +123,6 @@ class Gate(nnx.Module):
         logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         bias = self.bias[...] if self.cfg.gate_bias else None
         return route(logits, bias, self.cfg)
-
-
-class Experts(nnx.Module):
-    """The routed experts' SwiGLU weights stacked along E, stored (E, out, in)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        E, F, D = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
-        shapes = {"w1": ((E, F, D), ("exp", "mlp", "embed")), "w2": ((E, D, F), ("exp", "embed", "mlp")),
-                  "w3": ((E, F, D), ("exp", "mlp", "embed"))}
-        for name, (shape, axes) in shapes.items():
-            if cfg.fp8_weights:
-                weight, scale = fp8_weight(shape, axes)
-                setattr(self, name, weight)
-                setattr(self, name + "_scale_inv", scale)
-            else:
-                setattr(self, name, normal_param(rngs, shape, cfg.init_std, cfg.param_dtype, axes))
-        self.fp8_weights = cfg.fp8_weights
-
-    def weights(self):
-        return tuple(getattr(self, n)[...] for n in ("w1", "w2", "w3"))
-
-    def scales(self):
-        if not self.fp8_weights:
-            return (None, None, None)
-        return tuple(getattr(self, n + "_scale_inv")[...] for n in ("w1", "w2", "w3"))
 
 
 class MoE(nnx.Module):
@@ -194,31 +135,32 @@ class MoE(nnx.Module):
                                       impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        """x [B,S,D] -> y [B,S,D], stats {load [E] int32, balance [] f32 (before alpha)}."""
+    def routed(self, x, weights, indices) -> tuple[jax.Array, dict]:
+        """The routed experts on x [N,D] by moe_impl -> y [N,D], EP counters (empty unless "ep")."""
+        cfg, e = self.cfg, self.experts
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.moe_impl == "dense":
+            if cfg.fp8 or cfg.fp8_weights:
+                raise ConfigError("ModelConfig.moe_impl='dense' is the high-precision reference; it has no FP8 path")
+            return dense_reference(x, weights, indices, *e.weights(), dtype=dtype), {}
+        if cfg.moe_impl == "ep":  # expert parallel over the ambient mesh
+            return moe_ep(x, weights, indices, *e.weights(), cfg=cfg, impl=cfg.linear_impl, scales=e.scales())
+        impl = "tiled" if cfg.moe_impl == "tiled" and not cfg.fp8 else cfg.linear_impl
+        y = routed_experts(x, weights, indices, *e.weights(), dtype=dtype, impl=impl, scales=e.scales())
+        return y.astype(dtype), {}
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:
+        """x [B,S,D] -> y [B,S,D], this layer's MoEStats."""
         cfg = self.cfg
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         weights, indices, scores = self.gate(flat)
-        e, dtype = self.experts, jnp.dtype(cfg.dtype)
-        if cfg.moe_impl == "dense":
-            if cfg.fp8 or cfg.fp8_weights:
-                raise ValueError("moe_impl='dense' is the high-precision reference; it has no FP8 path")
-            y = moe_dense(flat, weights, indices, *e.weights(), dtype=dtype)
-        elif cfg.moe_impl == "ep":  # expert parallel over the ambient mesh (parallel/ep.py)
-            from dsv3_jax.parallel.ep import moe_ep  # lazy: ep.py imports grouped_matmul from here
-            y, ep_stats = moe_ep(flat, weights, indices, *e.weights(), cfg=cfg, impl=cfg.linear_impl,
-                                 scales=e.scales())
-        else:
-            impl = "tiled" if cfg.moe_impl == "tiled" and not cfg.fp8 else cfg.linear_impl
-            y = moe_ragged(flat, weights, indices, *e.weights(), dtype=dtype, impl=impl, scales=e.scales())
+        y, ep = self.routed(flat, weights, indices)
         if cfg.n_shared_experts:
             y = y + self.shared_experts(flat)
-        stats = {
-            "load": expert_load(indices, cfg.n_routed_experts),
-            "balance": sequence_balance_loss(scores.reshape(B, S, -1), indices.reshape(B, S, -1),
-                                             cfg.n_routed_experts),
-        }
-        if cfg.moe_impl == "ep":
-            stats.update(ep_stats)  # ep_dropped (token-shard pairs over capacity), ep_shards (mean reach)
+        stats = MoEStats(
+            load=expert_load(indices, cfg.n_routed_experts),
+            balance=sequence_balance_loss(scores.reshape(B, S, -1), indices.reshape(B, S, -1),
+                                          cfg.n_routed_experts),
+            ep_dropped=ep.get("ep_dropped"), ep_shards=ep.get("ep_shards"))
         return y.reshape(B, S, D), stats

@@ -1,8 +1,10 @@
 """Multi-Token Prediction modules (V3 report §2.2, eq. 21-25).
 
-Module k (k = 1..D) predicts token t_{i+k+1} at position i from two inputs: the previous depth's
-hidden state h^{k-1}_i (h^0 is the main model's output after its final norm; deeper modules get
-the previous block's output) and the embedding of token t_{i+k}:
+Shape letters (the package legend): B batch, S positions, D `dim`, Tb token-buffer length.
+
+Module k (k = 1..D_mtp) predicts token t_{i+k+1} at position i from two inputs: the previous
+depth's hidden state h^{k-1}_i (h^0 is the main model's output after its final norm; deeper modules
+get the previous block's output) and the embedding of token t_{i+k}:
 
     h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])      # [D] <- [2D]
     h^k_i = Block_k(h'_i),   logits = Head(norm_k(h^k_i))
@@ -10,7 +12,8 @@ the previous block's output) and the embedding of token t_{i+k}:
 The embedding and the output head are the main model's own (shared, as in the paper); each
 module has its own final norm (`shared_head.norm` in the checkpoint). The concatenation puts the
 embedding first: that is the order of the released `eh_proj` weights (vLLM and HF's MTP loader
-agree), even though eq. 21 writes the hidden state first.
+agree), even though eq. 21 writes the hidden state first. The chain over the depths is
+`Transformer.mtp_chain`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.block import Block
+from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.context import Context
 from dsv3_jax.layers import Linear, RMSNorm
 
 
@@ -35,10 +40,23 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, "embed", **norm)
 
-    def __call__(self, h_prev, emb_next, cos, sin, mask) -> tuple[jax.Array, dict]:
-        """h_prev, emb_next [B,S,D] -> h [B,S,D] (before `norm`), MoE stats of the block."""
+    def __call__(self, h_prev: jax.Array, emb_next: jax.Array, ctx: Context, cache: LatentCache | None = None,
+                 *, form: str = "expanded"):
+        """h_prev, emb_next [B,S,D] -> h [B,S,D] (before `norm`), the block's MoE stats, its cache
+        (one layer: L = 1)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-        return self.block(x, cos, sin, mask)
+        return self.block(x, ctx, cache, 0, form=form)
+
+
+def tokens_ahead(tokens: jax.Array, positions: jax.Array, k: int) -> jax.Array:
+    """tokens [B,Tb] (token p at column p), positions [B,S] -> the token at position + k [B,S].
+
+    Positions past the buffer get 0 (the training loss masks them); negative ones (a speculative
+    window reaching before the prompt) read column 0, whose result is never used.
+    """
+    ahead = positions + k
+    got = jnp.take_along_axis(tokens, jnp.clip(ahead, 0, tokens.shape[1] - 1), axis=1)
+    return jnp.where(ahead < tokens.shape[1], got, 0)
 
 
 def shift_tokens(tokens: jax.Array, k: int, fill: int = 0) -> jax.Array:

@@ -26,6 +26,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from dsv3_jax.train.metrics import read_records
+from dsv3_jax.errors import MissingFileError
 
 N_SNAPSHOTS = 4  # heatmaps across the run: evenly spaced, always including the last
 
@@ -131,7 +132,7 @@ def make_plots(workdir, out=None) -> list[pathlib.Path]:
     """Write every figure that has data; returns the paths written."""
     metrics = pathlib.Path(workdir) / "metrics.jsonl"
     if not metrics.exists():
-        raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
+        raise MissingFileError(f"no metrics.jsonl in {workdir}")
     records = read_records(metrics)
     out = pathlib.Path(out) if out is not None else pathlib.Path(workdir) / "plots"
     out.mkdir(parents=True, exist_ok=True)

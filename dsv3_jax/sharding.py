@@ -2,8 +2,8 @@
 
 The mesh has DeepSeek's training axes (V3 report §3.2: PP16 x EP64 x ZeRO-1 DP, no tensor
 parallelism): `data`, `pipeline`, `expert`. Model code never names a mesh axis; every parameter
-carries logical names (`logical_axes` metadata) and activations are constrained at block
-boundaries with `batch`/`seq`/`act_embed`. The expert axis also carries data parallelism for
+carries logical names (`logical_axes` metadata), and batches are laid out with `batch`/`seq`
+(`batch_sharding`); activations inside the model follow by GSPMD propagation. The expert axis also carries data parallelism for
 the non-expert parts, as in DeepSeek's EP64.
 """
 
@@ -14,12 +14,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dsv3_jax.errors import ConfigError
+
 MESH_AXES = ("data", "pipeline", "expert")
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "expert")),  # activations: data parallel over data and expert
-    ("layers", "pipeline"),  # stacked decoder layers -> pipeline stages
+    ("layers", "pipeline"),  # the stacked MoE layers -> pipeline stages
+    ("dense_layers", None),  # the stacked dense layers run on the first stage with the embedding
     ("exp", "expert"),  # routed experts -> expert parallel
+    ("router", None),  # the gate's expert axis: every device routes its tokens over all experts
     ("vocab", None),
     ("embed", None),
     ("embed_cat", None),
@@ -36,7 +40,7 @@ def make_mesh(data: int = 1, pipeline: int = 1, expert: int = 1, devices=None) -
     devices = list(jax.devices() if devices is None else devices)
     need = data * pipeline * expert
     if need != len(devices):
-        raise ValueError(f"mesh data={data} x pipeline={pipeline} x expert={expert} = {need} devices, "
+        raise ConfigError(f"mesh data={data} x pipeline={pipeline} x expert={expert} = {need} devices, "
                          f"but {len(devices)} are available")
     grid = np.array(devices).reshape(data, pipeline, expert)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -108,14 +112,13 @@ def zero1_spec(spec: P, shape, mesh: Mesh, axes=ZERO_AXES) -> P:
     return P(*entries)
 
 
-def opt_state_shardings(opt_state, mesh: Mesh, rules_for=lambda path: RULES):
+def opt_state_shardings(opt_state, mesh: Mesh):
     """NamedShardings for an optax state (or its eval_shape): every variable that carries
-    logical_axes (Adam's mu/nu mirror the params) gets its ZeRO-1 spec; counters are replicated.
-    `rules_for(path)` picks the rules table per variable (the pipeline's layout differs)."""
-    def one(path, leaf):
+    logical_axes (Adam's mu/nu mirror the params) gets its ZeRO-1 spec; counters are replicated."""
+    def one(leaf):
         if not isinstance(leaf, nnx.Variable):
             return NamedSharding(mesh, P())
         value = leaf.get_value()
-        spec = logical_to_spec(leaf.get_metadata()["logical_axes"], value.shape, mesh, rules_for(path))
+        spec = logical_to_spec(leaf.get_metadata()["logical_axes"], value.shape, mesh)
         return NamedSharding(mesh, zero1_spec(spec, value.shape, mesh))
-    return jax.tree_util.tree_map_with_path(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

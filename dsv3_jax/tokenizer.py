@@ -28,6 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3_jax import corpus
+from dsv3_jax.errors import DataError, MissingFileError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Fallback names for EOS when a tokenizer.json comes without tokenizer_config.json.
@@ -57,7 +58,7 @@ class Tokenizer:
     def _id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
-            raise ValueError(f"special token {token!r} is not in the vocabulary of {self.name}")
+            raise DataError(f"special token {token!r} is not in the vocabulary of {self.name}")
         return i
 
     @property
@@ -83,7 +84,7 @@ class Tokenizer:
         Returns the prompt string; pass it to ``encode``. Needs jinja2 (pinned in requirements.txt).
         """
         if self.chat_template is None:
-            raise ValueError(f"{self.name} has no chat_template in its tokenizer_config.json")
+            raise DataError(f"{self.name} has no chat_template in its tokenizer_config.json")
         try:
             import jinja2.sandbox
         except ImportError as e:
@@ -114,7 +115,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = pathlib.Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"tokenizer_path {str(path)!r}: no tokenizer.json at {file}")
+        raise MissingFileError(f"tokenizer_path {str(path)!r}: no tokenizer.json at {file}")
     tok = tokenizers.Tokenizer.from_file(str(file))
     config_file = file.parent / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -122,7 +123,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if eos is None:
         eos = next((t for t in _EOS_FALLBACKS if tok.token_to_id(t) is not None), None)
     if eos is None:
-        raise ValueError(f"tokenizer_path {str(path)!r}: no eos_token in tokenizer_config.json "
+        raise DataError(f"tokenizer_path {str(path)!r}: no eos_token in tokenizer_config.json "
                          f"and none of {_EOS_FALLBACKS} in the vocabulary")
     return Tokenizer(tok, eos=eos, bos=_token_content(config.get("bos_token")),
                      pad=_token_content(config.get("pad_token")),
@@ -140,7 +141,7 @@ def train_tokenizer(vocab_size: int, out_dir: str | os.PathLike, *,
                     corpus_max_bytes: int = corpus.CORPUS_MAX_BYTES) -> Tokenizer:
     """Trains the byte-level BPE on the embedded corpus and writes it to ``out_dir``."""
     if vocab_size < 256 + 3:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE: "
+        raise DataError(f"vocab_size {vocab_size} is too small for a byte-level BPE: "
                          f"it needs 256 byte symbols + 3 special tokens")
     tok = tokenizers.Tokenizer(models.BPE())
     # add_prefix_space=False keeps the round trip exact (no space invented at the start).

@@ -18,7 +18,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.sharding import make_mesh
-from dsv3_jax.train.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard,
+from dsv3_jax.errors import CheckpointError
+from dsv3_jax.train.checkpoint import (Checkpointer, PreemptionGuard,
                                        abstract_like)
 
 DATA_STATE = {"next_index": 1234}

@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dsv3_jax import Transformer, preset
+from dsv3_jax.errors import CheckpointError
 from dsv3_jax.hf import SafetensorsDir, from_pretrained, save_pretrained
 from dsv3_jax.layers import linear
 from pallas_kernels import dequantize_act_1x128, quantize_act_1x128
@@ -162,7 +163,7 @@ def test_bad_checkpoints_name_the_tensors(tmp_path, edit, match):
     tensors = load_file(os.path.join(dst, "model.safetensors"))
     edit(tensors)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         from_pretrained(dst)
 
 

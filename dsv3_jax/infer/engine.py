@@ -1,202 +1,254 @@
-"""The compiled inference programs: prefill, insert (the cache hand-off) and the decode step.
+"""`Engine` and `generate(model, prompts, ...)`: batched generation with a latent cache, optional MTP
+speculation and optional prefill/decode disaggregation (the compiled programs are `programs.py`).
 
-Shape letters: B batch, S prompt length (padded), T cache slots, Tb token-buffer length, D drafted
-tokens per step (0 = plain decoding), E `dim`, V vocabulary.
-
-Prefill and decode are separate jitted programs with their own batch sizes and, optionally, their
-own meshes (prefill/decode disaggregation): `prefill` runs Bp prompts and returns a `DecodeState`
-whose cache has only S slots; `insert` moves it (a device_put to the decode mesh first) into
-slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequences by one
-verification. Shapes never depend on lengths or positions, which are arrays, so each program
-compiles once per (batch, S or T, D, sampling settings). The programs take the model as
-(graphdef, state) from `nnx.split`: the same parameter arrays as the `Transformer`.
-
-A plain decode step is the speculative step with D = 0: the main model runs over the one pending
-token, and the "bonus" token is the sampled next token.
+Prompts are right-padded into a [B, S] batch (S rounded up to a multiple of 16 so few prompt
+lengths compile), prefilled in chunks of `prefill_batch_size`, handed to the decode batch and
+decoded by one compiled step until every sequence has hit EOS or its token budget. The host loop
+keeps one step in flight: it dispatches step i+1 before reading step i's tokens, so the device
+does not wait for Python between steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from dsv3_jax.infer.cache import Cache, cache_shardings, init_cache
-from dsv3_jax.infer.decode import forward_cached
-from dsv3_jax.infer.sampling import TARGET, SamplingConfig, sample, token_keys
-from dsv3_jax.infer.speculative import draft, ring_size, verify
-from dsv3_jax.sharding import RULES, logical_to_spec, state_shardings
+from dsv3_jax.infer import programs
+from dsv3_jax.infer.sampling import SamplingConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.sharding import batch_sharding
+from dsv3_jax.errors import ConfigError
+
+PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this
+CACHE_BUCKET = 64  # cache lengths likewise
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class DecodeState:
-    """Everything a batch of sequences carries between steps (a pytree; batch is axis 0, or 1 in the cache)."""
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    first_tokens: int = 0  # of which sampled by prefill (one per sequence)
+    prefill_s: float = 0.0  # prefill and hand-off (compilation included on a first call)
+    decode_s: float = 0.0
+    steps: int = 0  # decode steps run (each one a verification when speculating)
+    sequence_steps: int = 0  # (sequence, step) pairs where the sequence was active
+    drafted: int = 0
+    accepted: int = 0
+    step_s: list[float] = dataclasses.field(default_factory=list)  # host time between step results
 
-    cache: Cache
-    tokens: jax.Array  # [B,Tb] int32: prompt, generated tokens, the pending one at `length`, drafts
-    length: jax.Array  # [B] int32: main-cache slots written = position of the pending token
-    seq_id: jax.Array  # [B] int32: prompt index, for the sampling keys
-    remaining: jax.Array  # [B] int32: tokens the sequence may still emit
-    active: jax.Array  # [B] bool: still generating (frozen once done)
-    hidden: jax.Array | None  # [B,4D,E] main normalised hidden states by position mod 4D (D > 0)
-    draft_probs: jax.Array | None  # [B,D,V] q of the pending drafts (D > 0 and sampling)
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a sequence gains per verification step (1 without speculation)."""
+        return (self.generated_tokens - self.first_tokens) / self.sequence_steps if self.sequence_steps else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated_tokens - self.first_tokens) / self.decode_s if self.decode_s else 0.0
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class StepOutput:
-    tokens: jax.Array  # [B,D+1] new tokens; the first `count` are emitted
-    count: jax.Array  # [B] int32 (0 for inactive sequences; stops after EOS and at the budget)
-    accepted: jax.Array  # [B] int32 drafts accepted this step
-    was_active: jax.Array  # [B] bool: active when the step began
-    active: jax.Array | None = None  # [B] bool: after the step
-    remaining: jax.Array | None = None  # [B] int32: after the step
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, EOS included when it was hit
+    stats: GenerationStats
 
 
-def token_buffer_len(max_len: int, n_draft: int) -> int:
-    return max_len + 2 * n_draft + 2
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
-def _finish(out: StepOutput, active, remaining, eos_id) -> tuple[StepOutput, jax.Array, jax.Array]:
-    """Cut the emitted tokens at EOS (kept) and at the budget; update remaining and active."""
-    idx = jnp.arange(out.tokens.shape[1])[None, :]
-    count = jnp.minimum(out.count, remaining)
-    is_eos = (out.tokens == eos_id) & (idx < count[:, None])
-    first_eos = jnp.argmax(is_eos, axis=1)
-    hit = is_eos.any(axis=1)
-    count = jnp.where(hit, first_eos + 1, count)
-    count = jnp.where(active, count, 0)
-    remaining = remaining - count
-    active = active & ~hit & (remaining > 0)
-    return dataclasses.replace(out, count=count, active=active, remaining=remaining), remaining, active
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> list[list[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ConfigError(f"prompt {i} is empty: generation needs at least one token")
+        if len(p) >= max_seq_len:
+            raise ConfigError(f"prompt {i} has {len(p)} tokens; the model's context (max_seq_len) is "
+                             f"{max_seq_len}, which leaves no room to generate")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i}: token ids {bad[:5]} are outside the model's vocabulary "
+                             f"[0, {vocab_size})")
+        out.append(p)
+    if not out:
+        raise ConfigError("no prompts given")
+    return out
 
 
-def _write_ring(hidden, positions, h, lo, hi):
-    """Store h [B,S,E] at ring slots positions mod R where lo <= position < hi (others dropped)."""
-    R = hidden.shape[1]
-    ok = (positions >= lo[:, None]) & (positions < hi[:, None])
-    slots = jnp.where(ok, positions % R, R)
-    return hidden.at[jnp.arange(h.shape[0])[:, None], slots].set(h.astype(hidden.dtype), mode="drop")
+class Engine:
+    """A model ready to generate: its (graphdef, state) placed on the prefill and decode meshes.
+
+    Without meshes both programs use the model's own parameter arrays. With meshes, the
+    parameters are laid out by `sharding.RULES` on each (e.g. prefill data-parallel, decode with
+    experts over `expert`) and the prefilled state moves between them with `jax.device_put`.
+    """
+
+    def __init__(self, model: Transformer, *, cache_dtype=jnp.bfloat16, prefill_mesh: Mesh | None = None,
+                 decode_mesh: Mesh | None = None):
+        self.cfg = model.cfg
+        self.graphdef, params = nnx.split(model)
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.prefill_mesh, self.decode_mesh = prefill_mesh, decode_mesh
+        self.prefill_params = programs.place_params(params, prefill_mesh)
+        self.decode_params = (self.prefill_params if decode_mesh is prefill_mesh
+                              else programs.place_params(params, decode_mesh))
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
+                 speculative: int = 0, batch_size: int | None = None, prefill_batch_size: int | None = None,
+                 max_len: int | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` per prompt (fewer where the context ends or EOS comes).
+
+        speculative: D, the number of tokens drafted per step by MTP modules 1..D (0 = off).
+        batch_size / prefill_batch_size: decode and prefill batch sizes (default: all prompts).
+        max_len: cache slots per sequence (default: longest prompt + budget, rounded up).
+        on_tokens(i, ids) is called as prompt i's tokens arrive (streaming).
+        """
+        cfg = self.cfg
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        if not 0 <= speculative <= cfg.n_mtp_modules:
+            raise ConfigError(f"speculative={speculative}: the model has {cfg.n_mtp_modules} MTP module(s)")
+        prompts = validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
+        Bd = batch_size or len(prompts)
+        Bp = prefill_batch_size or Bd
+        if Bd % Bp:
+            raise ConfigError(f"batch_size={Bd} must be a multiple of prefill_batch_size={Bp}")
+        S = min(_round_up(max(map(len, prompts)), PROMPT_BUCKET), cfg.max_seq_len)
+        budget = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
+        need = max(len(p) + b for p, b in zip(prompts, budget)) + speculative
+        T = max_len or max(_round_up(need, CACHE_BUCKET), S)
+        if T < max(need, S):
+            raise ConfigError(f"max_len={max_len}: needs at least {max(need, S)} slots")
+        run = _Run(self, prompts, budget, S, T, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+                   dict(n_draft=speculative, sampling=sampling), on_tokens)
+        for start in range(0, len(prompts), Bd):
+            ids = [i if i < len(prompts) else -1 for i in range(start, start + Bd)]
+            t0 = time.perf_counter()
+            state = run.prefill(ids, Bp)
+            t1 = time.perf_counter()
+            run.decode(ids, state)
+            run.stats.prefill_s += t1 - t0
+            run.stats.decode_s += time.perf_counter() - t1
+        return GenerationResult(run.results, run.stats)
 
 
-def constrain(tree, shardings):
-    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+@dataclasses.dataclass
+class _Run:
+    """One `generate` call: its settings, the tokens so far, the statistics."""
+
+    engine: Engine
+    prompts: list[list[int]]
+    budget: list[int]
+    S: int  # padded prompt length
+    T: int  # cache slots
+    key: jax.Array
+    eos: jax.Array
+    kw: dict  # n_draft, sampling
+    on_tokens: Callable[[int, list[int]], None] | None
+    results: list[list[int]] = dataclasses.field(default_factory=list)
+    stats: GenerationStats = dataclasses.field(default_factory=GenerationStats)
+
+    def __post_init__(self):
+        self.results = [[] for _ in self.prompts]
+
+    def emit(self, out: programs.StepOutput, ids: list[int]):
+        toks, count = np.asarray(out.tokens), np.asarray(out.count)
+        for row, i in enumerate(ids):
+            if i >= 0 and count[row]:
+                new = toks[row, : count[row]].tolist()
+                self.results[i].extend(new)
+                self.stats.generated_tokens += len(new)
+                if self.on_tokens is not None:
+                    self.on_tokens(i, new)
+
+    def prefill(self, ids: list[int], Bp: int) -> programs.DecodeState:
+        """Prefill the decode batch `ids` (-1: empty row) in chunks of Bp; returns its state."""
+        e, cfg = self.engine, self.engine.cfg
+        state = programs.empty_state(cfg, len(ids), self.T, cache_dtype=e.cache_dtype,
+                                   hidden_dtype=jnp.dtype(cfg.dtype), **self.kw)
+        if e.decode_mesh is not None:
+            state = jax.device_put(state, programs.state_shardings_for(state, e.decode_mesh))
+        firsts = []
+        for p0 in range(0, len(ids), Bp):
+            chunk = ids[p0: p0 + Bp]
+            if all(i < 0 for i in chunk):
+                continue
+            rows, first = self._prefill_chunk(chunk)
+            firsts.append((first, chunk))
+            state = programs.insert(state, rows, jnp.int32(p0), mesh=e.decode_mesh)
+        for first, chunk in firsts:
+            self.emit(first, chunk)
+            self.stats.first_tokens += int(np.asarray(first.count).sum())
+        self.stats.prompt_tokens += sum(len(self.prompts[i]) for i in ids if i >= 0)
+        return jax.block_until_ready(state)
+
+    def _prefill_chunk(self, chunk: list[int]):
+        """Right-pad one chunk of prompts (empty rows: one pad token, no budget) and prefill it."""
+        e = self.engine
+        tok = np.zeros((len(chunk), self.S), np.int32)
+        lengths = np.ones((len(chunk),), np.int32)
+        budget = np.zeros((len(chunk),), np.int32)
+        for r, i in enumerate(chunk):
+            if i >= 0:
+                tok[r, : len(self.prompts[i])] = self.prompts[i]
+                lengths[r], budget[r] = len(self.prompts[i]), self.budget[i]
+        args = [tok, lengths, np.asarray([max(i, 0) for i in chunk], np.int32), budget]
+        if e.prefill_mesh is not None:  # rows over the prefill mesh's data axes
+            args = [jax.device_put(a, batch_sharding(e.prefill_mesh, a.shape)) for a in args]
+        rows, first = programs.prefill(e.graphdef, e.prefill_params, *args, self.key, self.eos,
+                                     cache_dtype=e.cache_dtype, mesh=e.prefill_mesh, **self.kw)
+        if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
+            # The hand-off: the latent cache (S slots per sequence) and the small per-row state.
+            rows = jax.device_put(rows, programs.state_shardings_for(rows, e.decode_mesh))
+        return rows, first
+
+    def decode(self, ids: list[int], state: programs.DecodeState) -> None:
+        """Step until every row is done, one step in flight: step i+1 is dispatched before step
+        i's tokens are read, unless it cannot matter (every step emits >= 1 token per active
+        sequence, so sequences with <= 1 token left are done once the step in flight ends)."""
+        e = self.engine
+        active, remaining = np.asarray(state.active), np.asarray(state.remaining)
+        in_flight, last = None, time.perf_counter()
+        while True:
+            alive = active & (remaining > 1) if in_flight is not None else active
+            nxt = None
+            if alive.any():
+                state, nxt = programs.step(e.graphdef, e.decode_params, state, self.key, self.eos,
+                                         mesh=e.decode_mesh, **self.kw)
+            if in_flight is not None:
+                self._count(in_flight)
+                self.emit(in_flight, ids)
+                active, remaining = np.asarray(in_flight.active), np.asarray(in_flight.remaining)
+                now = time.perf_counter()
+                self.stats.step_s.append(now - last)
+                last = now
+            if nxt is None:
+                return
+            in_flight = nxt
+
+    def _count(self, out: programs.StepOutput):
+        was = np.asarray(out.was_active)
+        s = self.stats
+        s.steps += 1
+        s.sequence_steps += int(was.sum())
+        s.drafted += self.kw["n_draft"] * int(was.sum())
+        s.accepted += int(np.asarray(out.accepted)[was].sum())
 
 
-# ---- the programs ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "cache_dtype", "mesh"))
-def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, n_draft: int,
-            sampling: SamplingConfig, cache_dtype, mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
-    """prompt [B,S] right-padded, lengths [B] -> state with an S-slot cache, the first token."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.cfg
-    B, S = prompt.shape
-    cache = init_cache(cfg, B, S, cache_dtype, n_draft)
-    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    h, cache = forward_cached(model, cache, prompt, positions, kv_len=S, expand=True)
-    h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
-    logits = model.project(h_last, model.norm)[:, 0]
-    first = sample(logits, token_keys(key, seq_ids, lengths, TARGET), sampling)
-    rows = jnp.arange(B)
-    tokens = jnp.zeros((B, S + n_draft + 1), jnp.int32).at[:, :S].set(prompt).at[rows, lengths].set(first)
-    hidden = q = None
-    if n_draft:
-        hn = model.norm(h)
-        hidden = _write_ring(jnp.zeros((B, ring_size(n_draft), cfg.dim), hn.dtype), positions, hn,
-                             lengths - ring_size(n_draft), lengths)
-        cache, tokens, q = draft(model, cache, tokens, hn, positions, lengths, seq_ids, key, sampling, kv_len=S,
-                                 expand=True)
-        q = None if sampling.greedy else q
-    out = StepOutput(first[:, None], jnp.ones_like(lengths), jnp.zeros_like(lengths), budget > 0)
-    out, remaining, active = _finish(out, budget > 0, budget, eos_id)
-    state = DecodeState(cache, tokens, lengths, seq_ids, remaining, active, hidden, q)
-    return constrain(state, state_shardings_for(state, mesh)), out
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "mesh"), donate_argnums=(2,))
-def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: SamplingConfig,
-         mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
-    """Verify [pending, d_1..d_D] at positions length..length+D, accept, draft the next D."""
-    model = nnx.merge(graphdef, params)
-    T = state.cache.layers[0].c_kv.shape[2]
-    B, Tb = state.tokens.shape
-    rows = jnp.arange(B)[:, None]
-    positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
-    fed = jnp.take_along_axis(state.tokens, jnp.minimum(positions, Tb - 1), axis=1)
-    h, cache = forward_cached(model, state.cache, fed, positions, kv_len=T)
-    logits = model.project(h, model.norm)  # [B,D+1,V]
-    a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
-    out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,
-                                     state.remaining, eos_id)
-    # Frozen (inactive) rows keep their length and tokens, so they recompute the same thing.
-    keep = state.active[:, None]
-    tokens = state.tokens.at[rows, jnp.where(keep, positions + 1, Tb)].set(new, mode="drop")
-    length = jnp.where(state.active, state.length + a + 1, state.length)
-    hidden, q = state.hidden, state.draft_probs
-    if n_draft:
-        hidden = _write_ring(hidden, positions, model.norm(h), state.length, state.length + n_draft + 1)
-        W = 2 * n_draft
-        wpos = length[:, None] - W + jnp.arange(W, dtype=jnp.int32)
-        h_win = jnp.take_along_axis(hidden, (wpos % hidden.shape[1])[..., None], axis=1)
-        cache, tokens, q = draft(model, cache, tokens, h_win, wpos, length, state.seq_id, key, sampling, kv_len=T)
-        q = None if sampling.greedy else q
-    new_state = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
-    return constrain(new_state, state_shardings_for(new_state, mesh)), out
-
-
-@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
-def insert(dst: DecodeState, src: DecodeState, slot, *, mesh: Mesh | None = None) -> DecodeState:
-    """Copy the Bp sequences of `src` (cache of S <= T slots) into rows slot..slot+Bp of `dst`."""
-    def put(axis):
-        def f(d, s):
-            start = [0] * d.ndim
-            start[axis] = slot
-            return jax.lax.dynamic_update_slice(d, s.astype(d.dtype), start)
-        return f
-
-    cache = jax.tree.map(put(1), dst.cache, src.cache)
-    rest = {f.name: jax.tree.map(put(0), getattr(dst, f.name), getattr(src, f.name))
-            for f in dataclasses.fields(DecodeState) if f.name != "cache"}
-    out = DecodeState(cache=cache, **rest)
-    return constrain(out, state_shardings_for(out, mesh))
-
-
-# ---- state allocation and sharding ---------------------------------------------------------------
-def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, sampling: SamplingConfig, cache_dtype,
-                hidden_dtype) -> DecodeState:
-    """A decode batch with no sequence in it (all rows inactive)."""
-    def z():  # distinct buffers: the state is donated
-        return jnp.zeros((batch,), jnp.int32)
-
-    return DecodeState(
-        cache=init_cache(cfg, batch, max_len, cache_dtype, n_draft),
-        tokens=jnp.zeros((batch, token_buffer_len(max_len, n_draft)), jnp.int32),
-        length=z(), seq_id=z(), remaining=z(), active=jnp.zeros((batch,), bool),
-        hidden=jnp.zeros((batch, ring_size(n_draft), cfg.dim), hidden_dtype) if n_draft else None,
-        draft_probs=(jnp.zeros((batch, n_draft, cfg.vocab_size), jnp.float32)
-                     if n_draft and not sampling.greedy else None),
-    )
-
-
-def state_shardings_for(state: DecodeState, mesh: Mesh | None):
-    """Batch over the data-carrying axes (cache layers over `pipeline`); None without a mesh."""
-    if mesh is None:
-        return None
-    rules = RULES + ((None, None),)
-
-    def rows(x):
-        return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules))
-
-    rest = {f.name: jax.tree.map(rows, getattr(state, f.name))
-            for f in dataclasses.fields(DecodeState) if f.name != "cache"}
-    return DecodeState(cache=cache_shardings(state.cache, mesh), **rest)
-
-
-def place_params(params, mesh: Mesh | None):
-    """The model's state on `mesh` by the logical-axis rules (the arrays themselves without a mesh)."""
-    return params if mesh is None else jax.device_put(params, state_shardings(params, mesh))
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, cache_dtype=jnp.bfloat16,
+             **kwargs) -> GenerationResult:
+    """One-shot `Engine(model, cache_dtype=...).generate(prompts, **kwargs)` (programs stay compiled)."""
+    return Engine(model, cache_dtype=cache_dtype).generate(prompts, **kwargs)

@@ -20,6 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.errors import ConfigError
+
 # Purposes of a random draw (the last fold_in): one independent stream each.
 TARGET, DRAFT, ACCEPT = 0, 1, 2
 
@@ -32,11 +34,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature}: expected >= 0 (0 is greedy)")
+            raise ConfigError(f"SamplingConfig.temperature={self.temperature}: expected >= 0 (0 is greedy)")
         if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 is off)")
+            raise ConfigError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 is off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1] (1 is off)")
+            raise ConfigError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1] (1 is off)")
 
     @property
     def greedy(self) -> bool:

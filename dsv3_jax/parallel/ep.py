@@ -19,7 +19,7 @@ One MoE layer on one device, inside `jax.shard_map` (V3 report §3.2.2, ISCA '25
      `lax.ragged_all_to_all` with the same layout that sends only the filled slots (GPU/TPU).
      Activations travel in `ep_dispatch` format (default FP8 E4M3 with pow2 1x128 scales).
   4. local experts: the received slots expand to [R C J] rows, sorted by local expert, through
-     `moe.grouped_matmul` (lax.ragged_dot, or the FP8 grouped GEMM); each slot's rows are summed
+     `experts.routed_experts` (the same grouped GEMMs as the local path); each slot's rows are summed
      with their gate weights on the expert side, so the combine sends one vector per token-shard.
   5. combine: the reverse all-to-all in `ep_combine` format (default BF16, or LogFMT-n), then a
      scatter-add of each shard's partial output onto the token.
@@ -43,8 +43,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.experts import routed_experts
 from dsv3_jax.parallel import wire
 from dsv3_jax.sharding import RULES
+from dsv3_jax.errors import ConfigError
 
 
 def _rule(name: str):
@@ -147,27 +149,6 @@ def dispatch_plan(indices, weights, *, ep: int, n_local: int, cap: int):
     }
 
 
-def expert_compute(x, ids, gates, w1, w2, w3, *, dtype, impl, scales):
-    """Received slots x [R,C,D], ids/gates [R,C,J] -> gate-weighted expert outputs [R,C,D] f32."""
-    R, C, D = x.shape
-    J = ids.shape[-1]
-    E_l = w1.shape[0]
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # rows grouped by local expert; id E_l (none) sorts last
-    group_sizes = jnp.bincount(flat, length=E_l).astype(jnp.int32)  # rows past the groups give 0
-
-    from dsv3_jax.moe import grouped_matmul  # moe.py imports this module lazily; keep the cycle open
-
-    def mm(a, w, s):
-        return grouped_matmul(a, w, group_sizes, dtype=dtype, impl=impl, scale=s)
-
-    xs = x.reshape(R * C, D)[order // J]
-    h = jax.nn.silu(mm(xs, w1, scales[0])) * mm(xs, w3, scales[2])
-    y_sorted = mm(h, w2, scales[1])
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(R, C, J, D)
-    return jnp.einsum("rcjd,rcj->rcd", y.astype(jnp.float32), gates)
-
-
 def moe_ep_local(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str = "default",
                  scales=(None,) * 3):
     """The per-device body (expert axis manual). x [N,D], weights/indices [N,K] (global expert ids),
@@ -187,7 +168,11 @@ def moe_ep_local(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str
     got = transfer(send, sizes, cfg.ep_dispatch, cfg.ep_combine, EXPERT_AXIS)
     valid = jnp.arange(cap)[None, :] < recv_counts[:, None]  # [R,C]: padding slots carry nothing
     ids = jnp.where(valid[..., None], meta(plan["ids"]), E_l)
-    y_slots = expert_compute(got, ids, meta(plan["gates"]), w1, w2, w3, dtype=dtype, impl=impl, scales=scales)
+    # each slot's expert outputs summed with their gate weights on the expert side: one vector
+    # per (token, shard) goes back
+    y_slots = routed_experts(got.reshape(ep * cap, D), meta(plan["gates"]).reshape(ep * cap, -1),
+                             ids.reshape(ep * cap, -1), w1, w2, w3, dtype=dtype, impl=impl,
+                             scales=scales).reshape(ep, cap, D)
     back_sizes = None if sizes is None else (recv_counts, plan["counts"])
     back = transfer(y_slots, back_sizes, cfg.ep_combine, cfg.ep_dispatch, EXPERT_AXIS)  # [R,C,D] f32
     y = jnp.zeros((N + 1, D), jnp.float32).at[plan["slot_token"].reshape(-1)].add(back.reshape(-1, D))[:N]
@@ -214,7 +199,7 @@ def moe_ep(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str = "de
     expert axis (the pipeline reduces them itself)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or EXPERT_AXIS not in mesh.axis_names:
-        raise ValueError(f"ModelConfig.moe_impl='ep' needs a mesh with an {EXPERT_AXIS!r} axis in context: "
+        raise ConfigError(f"ModelConfig.moe_impl='ep' needs a mesh with an {EXPERT_AXIS!r} axis in context: "
                          "run under `jax.set_mesh(mesh)` (train.py does) or inside a shard_map over it")
     run = functools.partial(moe_ep_local, cfg=cfg, impl=impl)
     manual = set(_manual_axes())

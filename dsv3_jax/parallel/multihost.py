@@ -15,6 +15,8 @@ import os
 
 import jax
 
+from dsv3_jax.errors import ConfigError
+
 
 def cluster_detected() -> bool:
     env = os.environ
@@ -33,7 +35,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     (tests pass a few seconds so that a dead peer cannot hang them)."""
     explicit = coordinator_address is not None
     if explicit and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        raise ConfigError("--coordinator_address needs --num_processes and --process_id")
     if not explicit and not cluster_detected():
         return False
     kw = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=max(10, timeout_s // 3),
@@ -61,6 +63,6 @@ def batch_share(sharding, global_shape) -> tuple[int, int]:
     for r in rows:
         covered.update(range(r.start or 0, B if r.stop is None else r.stop))
     if B % size or lo % size or len(covered) != size:
-        raise ValueError(f"this process's devices hold batch rows {sorted(covered)} of {B}: not one aligned "
+        raise ConfigError(f"this process's devices hold batch rows {sorted(covered)} of {B}: not one aligned "
                          "block; order the mesh so that each process holds a contiguous block")
     return lo // size, B // size

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import TILE, dequantize_act_1x128, quantize_act_1x128
+from dsv3_jax.errors import ConfigError
 
 LOG_RANGE = 32 * math.log(2.0)  # max - min <= ln(2^32)
 
@@ -39,7 +40,7 @@ def logfmt_bits(fmt: str) -> int | None:
 def check_format(fmt: str) -> None:
     bits = logfmt_bits(fmt)
     if fmt not in ("fp32", "bf16", "fp8") and not (bits is not None and 3 <= bits <= 16):
-        raise ValueError(f"wire format {fmt!r}: expected 'fp32', 'bf16', 'fp8' or 'logfmtN' with 3 <= N <= 16")
+        raise ConfigError(f"wire format {fmt!r}: expected 'fp32', 'bf16', 'fp8' or 'logfmtN' with 3 <= N <= 16")
 
 
 def _tiles(x):

@@ -21,7 +21,7 @@ def bias_delta(load, gamma):
 def update_biases(biases: nnx.State, load, gamma, n_moe_layers: int) -> nnx.State:
     """Apply the update to the model's RouterBias state ([L_moe, E] scanned, then one [E] per MTP module).
 
-    `load` rows follow ModelOutput.moe_load: the scanned MoE layers first, then the MTP modules.
+    `load` rows follow ModelOutput.moe.load: the scanned MoE layers first, then the MTP modules.
     """
     delta = bias_delta(load, gamma)
     updated = []

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from dsv3_jax.errors import ConfigError
+
 
 def _check(obj, field: str, ok: bool, why: str):
     if not ok:
-        raise ValueError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r}: {why}")
+        raise ConfigError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r}: {why}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ class TrainConfig:
     # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/parallel/pipeline.py)
     pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff) or "1f1b" (manual vjp, O(stages) activations)
     pipeline_microbatches: int = 0  # per step; divides the per-device batch; 0: one per sequence of it
-    overlap_microbatches: bool = False  # pipeline stages run MoE layers as two interleaved halves (§2.3.1)
+    overlap_microbatches: bool = False  # the MoE stacks run as two interleaved halves (§2.3.1; block.py)
     # loop
     log_every: int = 1
     eval_every: int = 50

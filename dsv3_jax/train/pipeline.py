@@ -1,7 +1,7 @@
 """Pipeline parallelism over the `pipeline` mesh axis: GPipe (autodiff) and a lockstep 1F1B (manual vjp).
 
-Shape letters: P stages, M micro-batches, b sequences per micro-batch on a device, S sequence,
-D `dim`, L MoE layers (L/P per stage), Dm MTP depth, E experts, T ticks.
+Shape letters (the package legend): P stages, M micro-batches, b sequences per micro-batch on a
+device, S sequence, D `dim`, L MoE layers (L/P per stage), Dm MTP depth, E experts, Tk ticks.
 
 Stage layout (V3 report §3.2 trains with PP16): the scanned MoE layers are split evenly over the
 stages (their stacked `layers` axis is sharded over `pipeline`); the embedding and the dense layers
@@ -13,16 +13,16 @@ Everything runs in one `jax.shard_map` manual over every mesh axis: each device 
 layers, its experts (EP inside, `parallel/ep.py`), and its share of the batch (data and expert axes).
 Activations move stage to stage with `ppermute` once per tick.
 
-  gpipe  tick t runs micro-batch t - s on stage s (T = M + P - 1 ticks), then `jax.grad` runs the
+  gpipe  tick t runs micro-batch t - s on stage s (Tk = M + P - 1 ticks), then `jax.grad` runs the
          scan backwards. Each stage call is rematerialised (`jax.checkpoint`), so the stash is one
          stage input per tick: activation memory grows with M.
   1f1b   lockstep one-forward-one-backward: tick t does the forward of micro-batch t - s and the
-         backward of micro-batch t - (2P - 2 - s) (T = M + 2P - 2). The backward recomputes the
+         backward of micro-batch t - (2P - 2 - s) (Tk = M + 2P - 2). The backward recomputes the
          stage under `jax.vjp` from its stashed input (a ring of 2P - 1 inputs), the last stage does
          its forward inside its backward slot, and gradients go back with a reverse ppermute in the
          same tick. Activation memory is O(P), independent of M.
 With `overlap`, each stage runs its micro-batch's MoE layers as two interleaved halves
-(`parallel/overlap.py`: one half's all-to-all overlaps the other's compute). Bubble ticks are
+(`block.py`: one half's all-to-all overlaps the other's compute). Bubble ticks are
 skipped with `lax.cond` (their collectives stay inside the expert group, whose
 devices share a stage, so every member takes the same branch). Both schedules return per-tick
 activity, from which `bubble` reports idle stage slots; textbook GPipe and 1F1B both idle
@@ -40,17 +40,15 @@ import numpy as np
 import optax
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3_jax.attention import causal_mask
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.mtp import shift_tokens
-from dsv3_jax.parallel.overlap import join_pair, paired_stack, split_pair
-from dsv3_jax.rope import rope_tables
+from dsv3_jax.context import sequence_positions
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.sharding import RULES, logical_to_spec
-from dsv3_jax.train.balance import max_over_mean, update_biases
+from dsv3_jax.train import loss as L
 from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.step import cross_entropy
+from dsv3_jax.train.step import apply_gradients
 
 SCHEDULES = ("gpipe", "1f1b")
 PIPE = dict(RULES)["layers"]
@@ -68,45 +66,24 @@ def check_pipeline_layout(cfg: ModelConfig, stages: int, microbatches: int, loca
     """Clear errors for a layer/batch layout the pipeline cannot split (microbatches 0: auto)."""
     microbatches = microbatches or local_batch
     if cfg.n_moe_layers < stages or cfg.n_moe_layers % stages:
-        raise ValueError(f"MeshConfig.pipeline={stages} must divide the {cfg.n_moe_layers} MoE layers "
+        raise ConfigError(f"MeshConfig.pipeline={stages} must divide the {cfg.n_moe_layers} MoE layers "
                          f"(n_layers={cfg.n_layers} - n_dense_layers={cfg.n_dense_layers}); the dense "
                          "layers run on the first stage")
     if local_batch % microbatches:
-        raise ValueError(f"TrainConfig.pipeline_microbatches={microbatches} must divide the per-device "
+        raise ConfigError(f"TrainConfig.pipeline_microbatches={microbatches} must divide the per-device "
                          f"batch of {local_batch} sequences")
     if expert > 1 and cfg.moe_impl != "ep":
-        raise ValueError(f"MeshConfig.expert={expert} with a pipeline needs ModelConfig.moe_impl='ep' "
+        raise ConfigError(f"MeshConfig.expert={expert} with a pipeline needs ModelConfig.moe_impl='ep' "
                          f"(got {cfg.moe_impl!r})")
 
 
 # ---------------------------------------------------------------------------------------------
-# Shardings: the rules table, except that only the MoE stack's `layers` axis goes to the pipeline,
-# and only the experts' weights to the expert axis (the gate's weight and bias are replicated:
-# every device routes its own tokens over all E experts inside the manual region).
-def _names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
-def rules_for(path):
-    """The rules table for the variable at `path` (a params path, or an optimizer-state path that
-    contains one) in the pipelined layout."""
-    names = _names(path)
-    drop = set() if "moe_layers" in names else {"layers"}
-    if "experts" not in names:
-        drop.add("exp")
-    return tuple((k, None if k in drop else v) for k, v in RULES)
-
-
 def state_specs(state: nnx.State, mesh: Mesh):
-    """PartitionSpec per variable of a params/biases State for the pipelined layout."""
-    def one(path, var):
-        return logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, mesh, rules_for(path))
-    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def state_shardings(state: nnx.State, mesh: Mesh):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+    """PartitionSpec per variable of a params/biases State: the rules table, as outside the pipeline
+    (the MoE stack's `layers` axis over `pipeline`, the experts over `expert`, the rest replicated)."""
+    def one(var):
+        return logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, mesh)
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _missing(spec: P, mesh_axes) -> tuple[str, ...]:
@@ -136,56 +113,26 @@ def _zeros(tree, axes):
 
 
 # ---------------------------------------------------------------------------------------------
-# One stage on one micro-batch (local arrays; `model` holds this stage's layers).
-def _first(model, tokens, rope):
-    h = model.embed(tokens)
-    if model.dense_layers is not None:
-        h, _ = model.dense_layers(h, *rope)
-    return h
-
-
-def _last(model, h, tokens, targets, rope):
-    """Final norm, head, MTP (as Transformer.forward and train.step.loss_fn) -> ce, mtp, MTP stats."""
-    ce = cross_entropy(model.project(h, model.norm), targets)
-    S = targets.shape[1]
-    losses, stats = [], []
-    h = model.norm(h)
-    for k, module in enumerate(model.mtp, start=1):
-        h, st = module(h, model.embed(shift_tokens(tokens, k)), *rope)
-        valid = jnp.broadcast_to(jnp.arange(S) < S - k, targets.shape)
-        losses.append(cross_entropy(model.project(h, module.norm), shift_tokens(targets, k), valid))
-        stats.append(st)
-    mtp = jnp.mean(jnp.stack(losses)) if losses else 0.0 * ce  # (0 * ce: varying like ce)
-    mtp_stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats and stats[0] else {}
-    return ce, mtp, mtp_stats
-
-
-def _moe_layers(model, h, tokens, rope, overlap: bool):
-    """The stage's MoE layers; with `overlap` as two interleaved halves (parallel/overlap.py)."""
-    if not overlap or h.shape[0] % 2:
-        return model.moe_layers(h, *rope)
-    b, S = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b // 2, S))
-    half = (*rope_tables(model.cfg, pos), causal_mask(pos, pos))
-    (ha, hb), (sa, sb) = paired_stack(model.moe_layers, split_pair(h), (half, half))
-    summed = ("load", "ep_dropped")  # counts add up; the balance loss and the reach average
-    return join_pair(ha, hb), {k: sa[k] + sb[k] if k in summed else (sa[k] + sb[k]) / 2 for k in sa}
-
-
+# One stage on one micro-batch (local arrays; `model` holds this stage's layers): the model's own
+# pieces, composed as Transformer.forward composes them, and the one loss.
 def stage_forward(model, s, n_stages, x_in, tokens, targets, mtp_lambda, alpha, axes, overlap=False):
     """-> y [b,S,D], this stage's share of the micro-batch loss [], aux {ce, mtp, layers, mtp_layers}."""
     cfg: ModelConfig = model.cfg
-    b, S = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, S))
-    rope = (*rope_tables(cfg, pos), causal_mask(pos, pos))
-    h = lax.cond(s == 0, lambda: _first(model, tokens, rope), lambda: x_in)
-    h, layer_stats = _moe_layers(model, h, tokens, rope, overlap)
-    shapes = jax.eval_shape(lambda: _last(model, h, tokens, targets, rope))
-    ce, mtp, mtp_stats = lax.cond(s == n_stages - 1, lambda: _last(model, h, tokens, targets, rope),
-                                  lambda: _zeros(shapes, axes))
-    n_bal = cfg.n_moe_layers + (cfg.n_mtp_modules if cfg.n_routed_experts else 0)
-    bal = layer_stats["balance"].sum() + (mtp_stats["balance"].sum() if mtp_stats else 0.0)
-    loss = ce + mtp_lambda * mtp + alpha * bal / n_bal
+    ctx = model.context(sequence_positions(*tokens.shape))
+    first = lambda: model.trunk(model.embed(tokens), ctx, only="dense_layers")[0]  # noqa: E731
+    h = lax.cond(s == 0, first, lambda: x_in)
+    h, layer_stats, _ = model.trunk(h, ctx, only="moe_layers", overlap=overlap and tokens.shape[0] % 2 == 0)
+
+    def last():
+        out = model.heads(h, tokens, ctx)  # final norm, head, the MTP chain; out.moe: the MTP modules'
+        terms = L.losses(out, targets)
+        return terms["loss"], terms["mtp_loss"], out.moe
+
+    shapes = jax.eval_shape(last)
+    ce, mtp, mtp_stats = lax.cond(s == n_stages - 1, last, lambda: _zeros(shapes, axes))
+    bal = layer_stats.balance.sum() + (mtp_stats.balance.sum() if mtp_stats is not None else 0.0)
+    terms = {"loss": ce, "mtp_loss": mtp, "balance_sum": bal}
+    loss = L.total(terms, L.n_balance_layers(cfg), mtp_lambda, alpha)
     return h, loss, {"ce": ce, "mtp": mtp, "layers": layer_stats, "mtp_layers": mtp_stats}
 
 
@@ -217,23 +164,23 @@ def _finish(plan: _Plan, acc, activity):
     batch = tuple(a for a in BATCH if a in plan.axes)
     M = plan.microbatches
     scalar = lambda v: lax.pmean(lax.psum(v, PIPE), batch) / M  # noqa: E731
-    lay, mtp = acc["aux"]["layers"], acc["aux"]["mtp_layers"]
+    lay, mtp = acc["aux"]["layers"], acc["aux"]["mtp_layers"]  # MoEStats summed over micro-batches
     out = {
         "loss": scalar(acc["aux"]["ce"]),
         "mtp_loss": scalar(acc["aux"]["mtp"]),
-        "layer_load": lax.psum(lay["load"], batch),
-        "layer_balance": lax.pmean(lay["balance"], batch) / M,
-        "activity": activity[None],  # [1, T, 2] per stage (depends on the stage and tick only)
+        "layer_load": lax.psum(lay.load, batch),
+        "layer_balance": lax.pmean(lay.balance, batch) / M,
+        "activity": activity[None],  # [1, Tk, 2] per stage (depends on the stage and tick only)
     }
-    if mtp:
-        out["mtp_load"] = lax.psum(lax.psum(mtp["load"], batch), PIPE)
-        out["mtp_balance"] = lax.psum(lax.pmean(mtp["balance"], batch), PIPE) / M
-    if "ep_dropped" in lay:  # ep.py's counters are per device inside a manual region
-        out["layer_ep"] = jnp.stack([lax.psum(lay["ep_dropped"], batch).astype(jnp.float32),
-                                     lax.pmean(lay["ep_shards"], batch) / M])
-        if mtp:
-            out["mtp_ep"] = jnp.stack([lax.psum(lax.psum(mtp["ep_dropped"], batch), PIPE).astype(jnp.float32),
-                                       lax.psum(lax.pmean(mtp["ep_shards"], batch), PIPE) / M])
+    if mtp is not None:
+        out["mtp_load"] = lax.psum(lax.psum(mtp.load, batch), PIPE)
+        out["mtp_balance"] = lax.psum(lax.pmean(mtp.balance, batch), PIPE) / M
+    if lay.ep_dropped is not None:  # ep.py's counters are per device inside a manual region
+        out["layer_ep"] = jnp.stack([lax.psum(lay.ep_dropped, batch).astype(jnp.float32),
+                                     lax.pmean(lay.ep_shards, batch) / M])
+        if mtp is not None:
+            out["mtp_ep"] = jnp.stack([lax.psum(lax.psum(mtp.ep_dropped, batch), PIPE).astype(jnp.float32),
+                                       lax.psum(lax.pmean(mtp.ep_shards, batch), PIPE) / M])
     return scalar(acc["loss"]), out
 
 
@@ -342,7 +289,7 @@ def _assemble(aux: dict) -> dict:
     out = {"loss": aux["loss"], "mtp_loss": aux["mtp_loss"],
            "load": jnp.concatenate(rows("layer_load")),
            "balance_loss": jnp.concatenate(rows("layer_balance")).mean(),
-           "pipeline_activity": aux["activity"]}  # [P, T, 2]: forward / backward slot busy
+           "pipeline_activity": aux["activity"]}  # [P, Tk, 2]: forward / backward slot busy
     if "layer_ep" in aux:
         ep = jnp.concatenate(rows("layer_ep"), axis=-1)  # [2, L + Dm]
         out.update(ep_dropped=ep[0].sum(), ep_shards_per_token=ep[1].mean())
@@ -355,10 +302,10 @@ def make_loss_and_grads(graphdef, cfg: ModelConfig, mesh: Mesh, *, schedule: str
 
     loss is the step's total (CE + lambda MTP + alpha balance) as in train.step.loss_fn; aux holds
     loss (CE), mtp_loss, balance_loss, load [L + Dm, E], ep_dropped / ep_shards_per_token (EP) and
-    pipeline_activity [P, T, 2].
+    pipeline_activity [P, Tk, 2].
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"TrainConfig.pipeline_schedule={schedule!r}: expected one of {SCHEDULES}")
+        raise ConfigError(f"TrainConfig.pipeline_schedule={schedule!r}: expected one of {SCHEDULES}")
     body = _gpipe_body if schedule == "gpipe" else _1f1b_body
     tok = P(tuple(a for a in BATCH if a in mesh.axis_names))
 
@@ -388,27 +335,17 @@ def make_pipeline_train_step(graphdef, tx: optax.GradientTransformation, run: Tr
                                          overlap=run.overlap_microbatches)
 
     def step(state, batch, gamma, mtp_lambda):
-        params, biases = state["params"], state["biases"]
-        _, aux, grads = loss_and_grads(params, biases, batch, mtp_lambda)
+        _, aux, grads = loss_and_grads(state["params"], state["biases"], batch, mtp_lambda)
         load = aux.pop("load")
         activity = aux.pop("pipeline_activity")
-        updates, opt = tx.update(grads, state["opt"], params)
-        new_state = {
-            "params": optax.apply_updates(params, updates),
-            "biases": update_biases(biases, load, gamma, cfg.n_moe_layers),
-            "opt": opt,
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-        }
-        metrics = dict(aux, grad_norm=optax.global_norm(grads), expert_load=load,
-                       load_max_over_mean=max_over_mean(load), pipeline_bubble=bubble(activity))
-        return new_state, metrics
+        new_state, update_metrics = apply_gradients(state, grads, load, tx, gamma, cfg.n_moe_layers)
+        return new_state, {**aux, **update_metrics, "pipeline_bubble": bubble(activity)}
 
     return step
 
 
 def bubble(activity) -> jax.Array:
-    """Idle fraction of the stage slots the schedule ran: activity [P, T, 2] (forward, backward).
+    """Idle fraction of the stage slots the schedule ran: activity [P, Tk, 2] (forward, backward).
 
     gpipe counts its forward scan (the backward scan mirrors it); 1f1b has a forward and a
     backward slot per tick. Same numbers as `schedule_table` computes on the host.
@@ -420,7 +357,7 @@ def bubble(activity) -> jax.Array:
 
 
 def schedule_table(schedule: str, stages: int, microbatches: int) -> np.ndarray:
-    """The [P, T, 2] activity the schedule runs (host-side, for docs and the benchmark)."""
+    """The [P, Tk, 2] activity the schedule runs (host-side, for docs and the benchmark)."""
     Pn, M = stages, microbatches
     T = M + Pn - 1 if schedule == "gpipe" else M + 2 * Pn - 2
     t = np.arange(T)[None]

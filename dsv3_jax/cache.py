@@ -1,6 +1,7 @@
-"""The preallocated latent KV cache of absorbed MLA (V3 report §2.1.1; ISCA '25 paper §2.1.2).
+"""The preallocated latent KV cache of MLA (V3 report §2.1.1; ISCA '25 paper §2.1.2).
 
-Shape letters: L layers of one stack, B batch, T cache slots, C `kv_lora_rank`, R `qk_rope_head_dim`.
+Shape letters (the package legend): L layers of one stack, B batch, S new tokens, T cache slots,
+C `kv_lora_rank`, R `qk_rope_head_dim`.
 
 Per layer the cache holds only what `MLA.latent` returns: the normalised latent c_kv [B,T,C] and
 the roped shared key k_pe [B,T,R]. Nothing per head is stored, so a token costs
@@ -26,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.sharding import RULES, logical_to_spec
+from dsv3_jax.errors import ConfigError
 
 # Logical axes of a stacked cache leaf [L, B, T, C or R] (names from sharding.RULES).
 CACHE_AXES = ("layers", "batch", "seq", None)
@@ -51,6 +53,10 @@ class LatentCache:
         k_pe = self.k_pe.at[layer, rows, slots].set(pe_new.astype(self.k_pe.dtype), mode="drop")
         return LatentCache(c_kv, k_pe)
 
+    def read(self, layer, kv_len: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """The first kv_len slots of `layer`: c_kv [B,T,C], k_pe [B,T,R] in `dtype`."""
+        return self.c_kv[layer, :, :kv_len].astype(dtype), self.k_pe[layer, :, :kv_len].astype(dtype)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -60,11 +66,16 @@ class Cache:
     layers: tuple[LatentCache, ...]
     mtp: tuple[LatentCache, ...]
 
+    @property
+    def slots(self) -> int:
+        """T: cache slots per sequence."""
+        return self.layers[0].c_kv.shape[2]
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, n_mtp: int = 0) -> Cache:
     """Zeros for `batch` sequences of up to `max_len` slots; `n_mtp` MTP modules get their own."""
     if n_mtp > cfg.n_mtp_modules:
-        raise ValueError(f"n_mtp={n_mtp}: the model has only n_mtp_modules={cfg.n_mtp_modules}")
+        raise ConfigError(f"n_mtp={n_mtp}: the model has only n_mtp_modules={cfg.n_mtp_modules}")
 
     def stack(n):
         return LatentCache(jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),

@@ -1,4 +1,4 @@
-"""Training checkpoints: orbax's CheckpointManager plus the checks orbax does not make.
+"""Checkpoints of a training run: orbax's CheckpointManager plus the checks orbax does not make.
 
 Directory layout (one subdirectory per kept step; orbax's default step naming):
 
@@ -19,7 +19,7 @@ orbax trusts any directory named like a step, and tensorstore keeps no checksum 
 bytes: a flipped byte restores silently wrong values (tested). So a step is used only if it has
 the commit marker, every item restores, and the restored arrays match the fingerprints taken at
 save time. Otherwise `restore_latest` warns, falls back to the previous step, and finally raises
-one `CheckpointError` (a RuntimeError) naming the directory and every step's reason.
+one `errors.CheckpointError` (a RuntimeError) naming the directory and every step's reason.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import sys
-import threading
 import traceback
 import time
 from typing import Any
@@ -42,14 +40,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from dsv3_jax.errors import CheckpointError, ConfigError
+
 logger = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"  # orbax's own marker (atomicity_types.COMMIT_SUCCESS_FILE)
 ITEMS = ("state", "data", "meta", "checksums")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory cannot be opened, written, or restored from."""
 
 
 # ---- fingerprints -------------------------------------------------------------------------------
@@ -105,7 +101,7 @@ def abstract_like(state, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def _reason(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     """One line for a log: orbax/tensorstore messages can span a page of spec JSON."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
@@ -128,7 +124,7 @@ class _AbortedReadFilter(logging.Filter):
         return True
 
 
-logging.getLogger("asyncio").addFilter(_AbortedReadFilter())
+_ASYNCIO_FILTER = _AbortedReadFilter()
 
 
 @contextlib.contextmanager
@@ -162,17 +158,19 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
         if save_every < 1:
-            raise ValueError(f"Checkpointer save_every={save_every}: expected >= 1")
+            raise ConfigError(f"Checkpointer save_every={save_every}: expected >= 1")
         if keep < 1:
-            raise ValueError(f"Checkpointer keep={keep}: expected >= 1")
+            raise ConfigError(f"Checkpointer keep={keep}: expected >= 1")
         self.directory = pathlib.Path(directory).absolute()
         self.save_every = save_every
+        # Installed by the first Checkpointer, not at import: importing this module changes nothing.
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)  # a no-op when already there
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         try:
             self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         except Exception as e:
-            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {_reason(e)}") from e
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {describe(e)}") from e
 
     @property
     def steps(self) -> list[int]:
@@ -211,7 +209,7 @@ class Checkpointer:
             # The due-or-not decision is ours (`should_save`), so orbax's own policy is bypassed.
             return bool(self._mngr.save(step, args=args, force=True))
         except Exception as e:
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: {_reason(e)}") from e
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: {describe(e)}") from e
 
     def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable step, or None if there is none.
@@ -230,7 +228,7 @@ class Checkpointer:
                 try:
                     restored = self._restore_step(step, abstract_state)
                 except Exception as e:  # anything unreadable is a reason to try the previous step
-                    bad.append((step, _reason(e)))
+                    bad.append((step, describe(e)))
                     logger.warning("checkpoint step %d in %s is unusable (%s); trying an older step",
                                    step, self.directory, bad[-1][1])
                     continue
@@ -287,97 +285,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ---- preemption -------------------------------------------------------------------------------
-class PreemptionGuard:
-    """Turns SIGTERM/SIGINT into a flag the training loop polls (save, then exit cleanly).
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...
-                if guard.should_stop():
-                    ckpt.save(step, state, ..., force=True); break
-
-    A second SIGINT raises KeyboardInterrupt, so Ctrl-C twice still stops a stuck run. The
-    previous handlers come back on exit. Handlers can only be installed from the main thread;
-    elsewhere the guard stays inactive (and says so).
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.requested = False
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        # Only set fields here: a handler runs between two bytecodes of arbitrary code.
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-
-    def should_stop(self) -> bool:
-        """`requested` agreed across processes: a signal may reach only some hosts, and all must
-        take the same branch (the save is collective). Every process must call this together."""
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
-        return bool(np.max(flags))
-
-    def __enter__(self) -> "PreemptionGuard":
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("PreemptionGuard: not on the main thread; signals will not be caught")
-            return self
-        for s in self.signals:
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if previous is None else previous)  # None: set from C
-        self._previous.clear()
-
-
-# ---- inference from a training run ------------------------------------------------------------
-def load_for_inference(workdir: str | os.PathLike):
-    """The newest committed checkpoint of a training run as (Transformer, Tokenizer or None).
-
-    Reads the model config from the checkpoint's `meta` item and only what the model needs;
-    the arrays land on the default device whatever mesh trained them.
-    """
-    from flax import nnx
-
-    from dsv3_jax.config import ModelConfig
-    from dsv3_jax.model import Transformer
-    from dsv3_jax.moe import RouterBias
-    from dsv3_jax.tokenizer import load_tokenizer
-
-    ckdir = pathlib.Path(workdir) / "checkpoints"
-    steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists()) \
-        if ckdir.is_dir() else []
-    if not steps:
-        raise CheckpointError(f"{workdir}: no committed checkpoint under {ckdir} (is it a train.py workdir?)")
-    step_dir = ckdir / str(steps[-1])
-    try:
-        meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        cfg = ModelConfig(**meta["model"])
-        if cfg.moe_impl == "ep":  # a layout for the training mesh; one device needs the local form
-            cfg = cfg.replace(moe_impl="ragged")
-        ckptr = ocp.StandardCheckpointer()
-        saved = ckptr.metadata(step_dir / "state").item_metadata.tree
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        # The whole saved tree (orbax restores no subtree by itself); only params and biases are kept.
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(saved))
-        restored = ckptr.restore(step_dir / "state", target)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the checkpoint in {step_dir}: {_reason(e)}") from e
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    for path, var in nnx.to_flat_state(state):
-        node = restored["biases" if isinstance(var, RouterBias) else "params"]
-        for key in path:
-            node = node[str(key)]
-        var.set_value(node["value"])
-    tok_file = pathlib.Path(workdir) / "tokenizer.json"
-    tokenizer = load_tokenizer(str(workdir)) if tok_file.exists() else None
-    return nnx.merge(graphdef, state), tokenizer

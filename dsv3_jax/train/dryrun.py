@@ -17,15 +17,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Transformer
-from dsv3_jax.parallel import hlo, layout, pipeline
 from dsv3_jax.sharding import batch_sharding
+from dsv3_jax.train import hlo, layout, pipeline
 from dsv3_jax.train.config import OptimConfig, TrainConfig
-from dsv3_jax.train.optim import decay_mask, make_optimizer
-from dsv3_jax.train.step import split_model
+from dsv3_jax.train.state import abstract_state
 
 
 def per_device_bytes(abstract_tree) -> int:
@@ -38,11 +35,7 @@ def per_device_bytes(abstract_tree) -> int:
 
 def compile_step(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compiler_options=None):
     """-> (compiled step, abstract state with shardings). Allocates nothing of the model's size."""
-    abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(run.seed)))
-    graphdef, params, biases = split_model(abstract)
-    tx = make_optimizer(optim, decay_mask(params))
-    state = {"params": params, "biases": biases, "opt": jax.eval_shape(tx.init, params),
-             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    graphdef, tx, state = abstract_state(model, optim, run.seed)
     sh = layout.state_shardings(state, mesh, model)
     state = layout.abstract(state, sh)
     in_sh = batch_sharding(mesh, (run.batch_size, run.seq_len))

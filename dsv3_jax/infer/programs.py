@@ -1,0 +1,201 @@
+"""The compiled inference programs: prefill, insert (the cache hand-off) and the decode step.
+
+Shape letters (the package legend): B batch, S prompt length (padded), T cache slots, Tb
+token-buffer length, A drafted tokens per step (0 = plain decoding), D `dim`, V vocabulary.
+
+Prefill and decode are separate jitted programs with their own batch sizes and, optionally, their
+own meshes (prefill/decode disaggregation): `prefill` runs Bp prompts and returns a `DecodeState`
+whose cache has only S slots; `insert` moves it (a device_put to the decode mesh first) into
+slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequences by one
+verification. Shapes never depend on lengths or positions, which are arrays, so each program
+compiles once per (batch, S or T, A, sampling settings). The programs take the model as
+(graphdef, state) from `nnx.split`: the same parameter arrays as the `Transformer`.
+
+A plain decode step is the speculative step with A = 0: the main model runs over the one pending
+token, and the "bonus" token is the sampled next token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from dsv3_jax.cache import Cache, cache_shardings, init_cache
+from dsv3_jax.infer.sampling import TARGET, SamplingConfig, sample, token_keys
+from dsv3_jax.infer.speculative import draft, ring_size, verify
+from dsv3_jax.sharding import RULES, logical_to_spec, state_shardings
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything a batch of sequences carries between steps (a pytree; batch is axis 0, or 1 in the cache)."""
+
+    cache: Cache
+    tokens: jax.Array  # [B,Tb] int32: prompt, generated tokens, the pending one at `length`, drafts
+    length: jax.Array  # [B] int32: main-cache slots written = position of the pending token
+    seq_id: jax.Array  # [B] int32: prompt index, for the sampling keys
+    remaining: jax.Array  # [B] int32: tokens the sequence may still emit
+    active: jax.Array  # [B] bool: still generating (frozen once done)
+    hidden: jax.Array | None  # [B,4A,D] main normalised hidden states by position mod 4A (A > 0)
+    draft_probs: jax.Array | None  # [B,A,V] q of the pending drafts (A > 0 and sampling)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutput:
+    tokens: jax.Array  # [B,A+1] new tokens; the first `count` are emitted
+    count: jax.Array  # [B] int32 (0 for inactive sequences; stops after EOS and at the budget)
+    accepted: jax.Array  # [B] int32 drafts accepted this step
+    was_active: jax.Array  # [B] bool: active when the step began
+    active: jax.Array | None = None  # [B] bool: after the step
+    remaining: jax.Array | None = None  # [B] int32: after the step
+
+
+def token_buffer_len(max_len: int, n_draft: int) -> int:
+    return max_len + 2 * n_draft + 2
+
+
+def _finish(out: StepOutput, active, remaining, eos_id) -> tuple[StepOutput, jax.Array, jax.Array]:
+    """Cut the emitted tokens at EOS (kept) and at the budget; update remaining and active."""
+    idx = jnp.arange(out.tokens.shape[1])[None, :]
+    count = jnp.minimum(out.count, remaining)
+    is_eos = (out.tokens == eos_id) & (idx < count[:, None])
+    first_eos = jnp.argmax(is_eos, axis=1)
+    hit = is_eos.any(axis=1)
+    count = jnp.where(hit, first_eos + 1, count)
+    count = jnp.where(active, count, 0)
+    remaining = remaining - count
+    active = active & ~hit & (remaining > 0)
+    return dataclasses.replace(out, count=count, active=active, remaining=remaining), remaining, active
+
+
+def _write_ring(hidden, positions, h, lo, hi):
+    """Store h [B,S,D] at ring slots (position mod ring size) where lo <= position < hi (others dropped)."""
+    R = hidden.shape[1]
+    ok = (positions >= lo[:, None]) & (positions < hi[:, None])
+    slots = jnp.where(ok, positions % R, R)
+    return hidden.at[jnp.arange(h.shape[0])[:, None], slots].set(h.astype(hidden.dtype), mode="drop")
+
+
+def constrain(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+# ---- the programs ------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "cache_dtype", "mesh"))
+def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, n_draft: int,
+            sampling: SamplingConfig, cache_dtype, mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
+    """prompt [B,S] right-padded, lengths [B] -> state with an S-slot cache, the first token."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    B, S = prompt.shape
+    cache = init_cache(cfg, B, S, cache_dtype, n_draft)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    h, cache = model.forward_cached(prompt, positions, cache, form="expanded")
+    h_last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+    logits = model.logits(h_last)[:, 0]
+    first = sample(logits, token_keys(key, seq_ids, lengths, TARGET), sampling)
+    rows = jnp.arange(B)
+    tokens = jnp.zeros((B, S + n_draft + 1), jnp.int32).at[:, :S].set(prompt).at[rows, lengths].set(first)
+    hidden = q = None
+    if n_draft:
+        hn = model.norm(h)
+        hidden = _write_ring(jnp.zeros((B, ring_size(n_draft), cfg.dim), hn.dtype), positions, hn,
+                             lengths - ring_size(n_draft), lengths)
+        cache, tokens, q = draft(model, cache, tokens, hn, positions, lengths, seq_ids, key, sampling,
+                                 form="expanded")
+        q = None if sampling.greedy else q
+    out = StepOutput(first[:, None], jnp.ones_like(lengths), jnp.zeros_like(lengths), budget > 0)
+    out, remaining, active = _finish(out, budget > 0, budget, eos_id)
+    state = DecodeState(cache, tokens, lengths, seq_ids, remaining, active, hidden, q)
+    return constrain(state, state_shardings_for(state, mesh)), out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "mesh"), donate_argnums=(2,))
+def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: SamplingConfig,
+         mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
+    """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A."""
+    model = nnx.merge(graphdef, params)
+    B, Tb = state.tokens.shape
+    rows = jnp.arange(B)[:, None]
+    positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
+    fed = jnp.take_along_axis(state.tokens, jnp.minimum(positions, Tb - 1), axis=1)
+    h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed")
+    logits = model.logits(h)  # [B,A+1,V]
+    a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
+    out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,
+                                     state.remaining, eos_id)
+    # Frozen (inactive) rows keep their length and tokens, so they recompute the same thing.
+    keep = state.active[:, None]
+    tokens = state.tokens.at[rows, jnp.where(keep, positions + 1, Tb)].set(new, mode="drop")
+    length = jnp.where(state.active, state.length + a + 1, state.length)
+    hidden, q = state.hidden, state.draft_probs
+    if n_draft:
+        hidden = _write_ring(hidden, positions, model.norm(h), state.length, state.length + n_draft + 1)
+        W = 2 * n_draft
+        wpos = length[:, None] - W + jnp.arange(W, dtype=jnp.int32)
+        h_win = jnp.take_along_axis(hidden, (wpos % hidden.shape[1])[..., None], axis=1)
+        cache, tokens, q = draft(model, cache, tokens, h_win, wpos, length, state.seq_id, key, sampling,
+                                 form="absorbed")
+        q = None if sampling.greedy else q
+    new_state = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
+    return constrain(new_state, state_shardings_for(new_state, mesh)), out
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def insert(dst: DecodeState, src: DecodeState, slot, *, mesh: Mesh | None = None) -> DecodeState:
+    """Copy the Bp sequences of `src` (cache of S <= T slots) into rows slot..slot+Bp of `dst`."""
+    def put(axis):
+        def f(d, s):
+            start = [0] * d.ndim
+            start[axis] = slot
+            return jax.lax.dynamic_update_slice(d, s.astype(d.dtype), start)
+        return f
+
+    cache = jax.tree.map(put(1), dst.cache, src.cache)
+    rest = {f.name: jax.tree.map(put(0), getattr(dst, f.name), getattr(src, f.name))
+            for f in dataclasses.fields(DecodeState) if f.name != "cache"}
+    out = DecodeState(cache=cache, **rest)
+    return constrain(out, state_shardings_for(out, mesh))
+
+
+# ---- state allocation and sharding ---------------------------------------------------------------
+def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, sampling: SamplingConfig, cache_dtype,
+                hidden_dtype) -> DecodeState:
+    """A decode batch with no sequence in it (all rows inactive)."""
+    def z():  # distinct buffers: the state is donated
+        return jnp.zeros((batch,), jnp.int32)
+
+    return DecodeState(
+        cache=init_cache(cfg, batch, max_len, cache_dtype, n_draft),
+        tokens=jnp.zeros((batch, token_buffer_len(max_len, n_draft)), jnp.int32),
+        length=z(), seq_id=z(), remaining=z(), active=jnp.zeros((batch,), bool),
+        hidden=jnp.zeros((batch, ring_size(n_draft), cfg.dim), hidden_dtype) if n_draft else None,
+        draft_probs=(jnp.zeros((batch, n_draft, cfg.vocab_size), jnp.float32)
+                     if n_draft and not sampling.greedy else None),
+    )
+
+
+def state_shardings_for(state: DecodeState, mesh: Mesh | None):
+    """Batch over the data-carrying axes (cache layers over `pipeline`); None without a mesh."""
+    if mesh is None:
+        return None
+    rules = RULES + ((None, None),)
+
+    def rows(x):
+        return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules))
+
+    rest = {f.name: jax.tree.map(rows, getattr(state, f.name))
+            for f in dataclasses.fields(DecodeState) if f.name != "cache"}
+    return DecodeState(cache=cache_shardings(state.cache, mesh), **rest)
+
+
+def place_params(params, mesh: Mesh | None):
+    """The model's state on `mesh` by the logical-axis rules (the arrays themselves without a mesh)."""
+    return params if mesh is None else jax.device_put(params, state_shardings(params, mesh))

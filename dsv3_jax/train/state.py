@@ -1,0 +1,61 @@
+"""The train state, created and laid out in one place for every step (GSPMD or pipelined), the
+dry run and the tests.
+
+    {"params": nnx.State of Params, "biases": nnx.State of RouterBias, "opt": optax state,
+     "step": int32 [], "rng": uint32 [2] key data}
+
+A plain dict of arrays, so orbax saves and restores it as it is (`dsv3_jax/checkpoint.py`).
+Parameters are laid out by the logical-axis rules (`sharding.RULES`), the optimizer state ZeRO-1
+over the data-carrying axes, step and rng replicated (`train/layout.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.moe import RouterBias
+from dsv3_jax.train import layout
+from dsv3_jax.train.config import OptimConfig
+from dsv3_jax.train.optim import decay_mask, make_optimizer
+
+
+class TrainState(TypedDict):
+    params: nnx.State
+    biases: nnx.State
+    opt: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def split_model(model: Transformer):
+    """-> graphdef, params (nnx.Param), biases (RouterBias)."""
+    return nnx.split(model, nnx.Param, RouterBias)
+
+
+def _fresh(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    _, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    return {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def abstract_state(cfg: ModelConfig, optim: OptimConfig, seed: int = 0):
+    """-> (graphdef, optimizer, the state as ShapeDtypeStructs). Allocates nothing."""
+    graphdef, params, _ = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+    tx = make_optimizer(optim, decay_mask(params))
+    return graphdef, tx, jax.eval_shape(lambda: _fresh(cfg, tx, seed))
+
+
+def init_state(cfg: ModelConfig, optim: OptimConfig, mesh: Mesh, seed: int = 0):
+    """-> (graphdef, optimizer, state initialised straight into its shardings on `mesh`, shardings)."""
+    graphdef, tx, abstract = abstract_state(cfg, optim, seed)
+    shardings = layout.state_shardings(abstract, mesh, cfg)
+    state = jax.jit(lambda: _fresh(cfg, tx, seed), out_shardings=shardings)()
+    return graphdef, tx, state, shardings
