@@ -43,11 +43,11 @@ def fmt(x: float | None) -> str:
 
 def format_table(sections: list[tuple[str, list[Row]]]) -> str:
     """Sections of rows -> aligned text: id, paper, ours, unit, relative difference, source."""
-    width = max(len(r.id) for _, rows in sections for r in rows)
-    head = f"{'id':<{width}}  {'paper':>12}  {'ours':>12}  {'unit':<8} {'diff':>8}  source"
     lines = []
     for title, rows in sections:
-        lines += ["", f"## {title}", head]
+        width = max(len(r.id) for r in rows)
+        lines += ["", f"## {title}",
+                  f"{'id':<{width}}  {'paper':>12}  {'ours':>12}  {'unit':<8} {'diff':>8}  source"]
         for r in rows:
             diff = "" if r.rel_diff is None else f"{r.rel_diff:+.2%}"
             lines.append(f"{r.id:<{width}}  {fmt(r.paper):>12}  {fmt(r.ours):>12}  {r.unit:<8} "
