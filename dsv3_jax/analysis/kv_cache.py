@@ -19,12 +19,8 @@ import jax.numpy as jnp
 
 from dsv3_jax.analysis.models import LLAMA3_1_405B, QWEN2_5_72B, DenseModel
 from dsv3_jax.analysis.report import Row
+from dsv3_jax.cache import bytes_per_token, init_cache
 from dsv3_jax.config import ModelConfig, preset
-
-try:  # the latent cache is moving from dsv3_jax/infer/ to the package root
-    from dsv3_jax.cache import bytes_per_token, init_cache
-except ImportError:
-    from dsv3_jax.infer.cache import bytes_per_token, init_cache
 
 CONTEXT = 65536  # one 64K-token context
 BF16 = 2  # bytes
