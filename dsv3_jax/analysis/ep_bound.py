@@ -14,12 +14,18 @@ layers give the time per output token (TPOT). Latency is ignored: these are uppe
 The paper says the hidden size is "about 7K" and computes with 7000: 120.96 us per step on
 400 Gbps InfiniBand (50 GB/s), 14.76 ms TPOT, "~67" tokens/s; 6.72 us, 0.82 ms and "~1200" on
 GB200 NVL72 (900 GB/s). The exact reciprocals are 67.8 and 1219.8 tokens/s, which the paper
-prints as "~67" and "~1200"; those two rows carry that rounding as their difference. With V3's real dim 7168 the
-step grows 2.4% (123.9 us, TPOT 15.1 ms); as this repository's wire formats send it
-(`parallel/wire.py`: E4M3 plus one f32 scale per 1x128 tile = 1.03 B per element) it is 125.2 us.
+prints as "~67" and "~1200"; those two rows carry that rounding as their difference. With V3's
+real dim 7168 the step grows 2.4% (123.9 us, TPOT 15.1 ms); as this repository's wire formats
+send it (`parallel/wire.py`: E4M3 plus one f32 scale per 1x128 tile = 1.03 B per element) it is
+125.2 us.
 
 Experts per token and layer count come from the V3 config; 32 tokens, 7000 and the bandwidths
 are the paper's scenario.
+
+The bound assumes the expert's work hides behind the all-to-all. Its floor is reading the
+expert's FP8 weights (3 x 7168 x 2048 bytes) from HBM once per step: 13 us on an H800 against a
+121 us step, but 5.5 us on a GB200 against 6.7 us, so at NVL72 bandwidth the step is nearly
+memory-bound as well (rows expert_hbm_read_us.*).
 """
 
 from __future__ import annotations
@@ -79,13 +85,19 @@ def decode_scenario(cfg: ModelConfig, *, hidden: int = PAPER_HIDDEN, with_scales
         d, c = (wire_bytes_per_element(f, hidden) for f in (cfg.ep_dispatch, cfg.ep_combine))
     else:
         d, c = (element_bytes(f) for f in (cfg.ep_dispatch, cfg.ep_combine))
-    return EPDecode(tokens=TOKENS_PER_DEVICE, experts_per_token=cfg.n_activated_experts + cfg.n_shared_experts,
-                    hidden=hidden, dispatch_bytes=d, combine_bytes=c, n_layers=cfg.n_layers)
+    experts = cfg.n_activated_experts + cfg.n_shared_experts  # the shared expert counts as routed
+    return EPDecode(tokens=TOKENS_PER_DEVICE, experts_per_token=experts, hidden=hidden,
+                    dispatch_bytes=d, combine_bytes=c, n_layers=cfg.n_layers)
 
 
 def tpot_curve(bandwidths) -> np.ndarray:
     """TPOT in ms of V3 in the paper's setting at each bandwidth (B/s)."""
     return decode_scenario(preset("v3_671b")).tpot_s(np.asarray(bandwidths, float)) * 1e3
+
+
+def expert_read_s(cfg: ModelConfig, hbm_bw: float, bytes_per_weight: float = 1.0) -> float:
+    """One routed expert's SwiGLU weights read from HBM once (FP8 by default)."""
+    return 3 * cfg.dim * cfg.moe_inter_dim * bytes_per_weight / hbm_bw
 
 
 def rows() -> list[Row]:
@@ -100,7 +112,10 @@ def rows() -> list[Row]:
                 Row(f"ep_layer_us.{key}", layer_us, paper_sc.layer_s(bw) * 1e6, "us",
                     src if layer_us else "ours: 2 micro-batches x one step"),
                 Row(f"tpot_ms.{key}", tpot_ms, tpot * 1e3, "ms", src),
-                Row(f"decode_tokens_per_s.{key}", tok_s, 1 / tpot, "tok/s", f"P1 §2.3.2 ('~{tok_s}', rounded)")]
+                Row(f"decode_tokens_per_s.{key}", tok_s, 1 / tpot, "tok/s",
+                    f"P1 §2.3.2 ('~{tok_s}', rounded)"),
+                Row(f"expert_hbm_read_us.{key}", None, expert_read_s(cfg, ACCELERATORS[key].hbm_bw) * 1e6,
+                    "us", "ours: one FP8 expert from HBM per step")]
     bw = ACCELERATORS["h800_ib"].ep_bw
     real = decode_scenario(cfg, hidden=cfg.dim)
     sent = decode_scenario(cfg, hidden=cfg.dim, with_scales=True)

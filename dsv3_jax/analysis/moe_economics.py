@@ -15,7 +15,7 @@ DeepSeek's README_WEIGHTS says 36.7B and the paper rounds to "37B" (-1.0%); V2 2
 Decode at batch 1 reads every activated weight once per token, so memory bandwidth over
 activated bytes bounds the tokens/s of a single stream (KV-cache reads and compute ignored).
 P1 §2.2.2 reports nearly 20 tokens/s for V2 on AI-SoC PCs; these bounds show why that is
-reachable for a 21B-activated MoE and not for a 70B dense model on the same memory.
+reachable for a 21B-activated MoE and not for a 72B dense model on the same memory.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def block_params(cfg: ModelConfig, moe: bool) -> int:
 
 def param_count(cfg: ModelConfig) -> ParamCount:
     total = 2 * cfg.vocab_size * cfg.dim + cfg.dim
-    total += cfg.n_dense_layers * block_params(cfg, moe=False) + cfg.n_moe_layers * block_params(cfg, moe=True)
+    total += cfg.n_dense_layers * block_params(cfg, moe=False)
+    total += cfg.n_moe_layers * block_params(cfg, moe=True)
     mtp_module = 2 * cfg.dim * cfg.dim + 3 * cfg.dim + block_params(cfg, moe=cfg.n_routed_experts > 0)
     return ParamCount(total=total, activated=activated_matmul_params(cfg, include_mtp=False),
                       mtp=cfg.n_mtp_modules * mtp_module)
