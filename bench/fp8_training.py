@@ -18,7 +18,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -26,7 +25,8 @@ from dsv3_jax import Transformer, preset  # noqa: E402
 from dsv3_jax.data import DataConfig, make_data  # noqa: E402
 from dsv3_jax.train.config import OptimConfig, TrainConfig  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, make_optimizer  # noqa: E402
-from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
+from dsv3_jax.train.state import new_state, split_model  # noqa: E402
+from dsv3_jax.train.step import make_train_step  # noqa: E402
 
 
 def model_config(args):
@@ -43,8 +43,7 @@ def model_config(args):
 def run(cfg, batches, steps, optim):
     graphdef, params, biases = split_model(nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))())
     tx = make_optimizer(optim, decay_mask(params))
-    state = {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = new_state(params, biases, tx)
     step = jax.jit(make_train_step(graphdef, tx, TrainConfig(batch_size=batches[0]["inputs"].shape[0],
                                                              seq_len=batches[0]["inputs"].shape[1]),
                                    cfg.n_moe_layers), donate_argnums=0)

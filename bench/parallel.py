@@ -27,12 +27,14 @@ from flax import nnx  # noqa: E402
 from dsv3_jax.config import ModelConfig, preset  # noqa: E402
 from dsv3_jax.model import Transformer  # noqa: E402
 from dsv3_jax.moe import route  # noqa: E402
-from dsv3_jax.parallel import hlo, layout, pipeline, wire  # noqa: E402
+from dsv3_jax.parallel import wire  # noqa: E402
+from dsv3_jax.train import hlo, layout, pipeline  # noqa: E402
 from dsv3_jax.parallel.ep import moe_ep  # noqa: E402
 from dsv3_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from dsv3_jax.train.config import OptimConfig, TrainConfig  # noqa: E402
 from dsv3_jax.train.optim import decay_mask, make_optimizer  # noqa: E402
-from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
+from dsv3_jax.train.state import new_state, split_model  # noqa: E402
+from dsv3_jax.train.step import make_train_step  # noqa: E402
 
 LAYOUTS = [((1, 1, 1), "-"), ((8, 1, 1), "-"), ((1, 1, 8), "-"), ((2, 1, 4), "-"),
            ((1, 2, 4), "gpipe"), ((1, 2, 4), "1f1b"), ((2, 2, 2), "1f1b"), ((1, 4, 2), "gpipe"),
@@ -50,8 +52,7 @@ def bench_layouts(steps: int, batch: int, seq: int, micro: int):
                           pipeline_microbatches=micro)
         graphdef, params, biases = split_model(Transformer(c, rngs=nnx.Rngs(0)))
         tx = make_optimizer(OptimConfig(warmup_steps=1), decay_mask(params))
-        state = {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                 "rng": jnp.zeros((2,), jnp.uint32)}
+        state = new_state(params, biases, tx)
         sh = layout.state_shardings(state, mesh)
         in_sh = batch_sharding(mesh, (batch, seq))
         fn = layout.make_step(graphdef, tx, run, c, mesh) if shape != (1, 1, 1) else \

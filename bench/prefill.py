@@ -4,8 +4,8 @@ One MLA layer with DeepSeek-V3's attention dims (kv_lora_rank 512, q_lora_rank 1
 rope 64, v 128) but 16 heads instead of 128 and dim 1024 (a CPU-sized slice: both forms scale
 linearly in heads), prefilling one prompt of S tokens into an empty latent cache of S slots.
 Both forms write the same cache and give the same output (checked here and in
-tests/test_infer.py); absorbed attends in C + R = 576 / C = 512 dims per head, expanded in
-N + R = 192 / Dv = 128 after expanding the S latents once, so expanded should win once S is
+tests/test_mla.py); absorbed attends in C + R = 576 / C = 512 dims per head, expanded in
+Z + R = 192 / O = 128 after expanding the S latents once, so expanded should win once S is
 large enough for attention to outweigh the projections.
 
     python bench/prefill.py                 # S in {256, 1024, 2048}
@@ -27,10 +27,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dsv3_jax import preset  # noqa: E402
-from dsv3_jax.infer.cache import LatentCache  # noqa: E402
-from dsv3_jax.infer.decode import absorbed_attention, expanded_attention  # noqa: E402
+from dsv3_jax.cache import LatentCache  # noqa: E402
+from dsv3_jax.context import make_context  # noqa: E402
 from dsv3_jax.mla import MLA  # noqa: E402
-from dsv3_jax.rope import rope_tables  # noqa: E402
 
 
 def timed(fn, *args, repeats):
@@ -52,16 +51,15 @@ def main():
     cfg = preset("v3_671b").replace(dim=1024, n_heads=args.heads, dtype="float32", param_dtype="float32")
     mla = MLA(cfg, rngs=nnx.Rngs(0))
     print(f"backend={jax.default_backend()} heads={cfg.n_heads} C={cfg.kv_lora_rank} "
-          f"N={cfg.qk_nope_head_dim} R={cfg.qk_rope_head_dim} Dv={cfg.v_head_dim}, batch 1, float32")
+          f"Z={cfg.qk_nope_head_dim} R={cfg.qk_rope_head_dim} O={cfg.v_head_dim}, batch 1, float32")
     print(f"{'S':>6}{'absorbed ms':>13}{'expanded ms':>13}{'absorbed/expanded':>19}{'max |diff|':>12}")
     for S in args.seq:
         x = jax.random.normal(jax.random.key(S), (1, S, cfg.dim), jnp.float32)
         pos = jnp.arange(S, dtype=jnp.int32)[None]
-        cos, sin = rope_tables(cfg, pos)
         empty = LatentCache(jnp.zeros((1, 1, S, cfg.kv_lora_rank)), jnp.zeros((1, 1, S, cfg.qk_rope_head_dim)))
-        run = {name: nnx.jit(lambda m, x, c, s, f=f: f(m, x, cos, sin, pos, c, 0, kv_len=s)[0],
+        run = {form: nnx.jit(lambda m, x, c, s, form=form: m(x, make_context(cfg, pos, s), c, 0, form=form)[0],
                              static_argnums=3)
-               for name, f in (("absorbed", absorbed_attention), ("expanded", expanded_attention))}
+               for form in ("absorbed", "expanded")}
         diff = float(np.abs(np.asarray(run["absorbed"](mla, x, empty, S))
                             - np.asarray(run["expanded"](mla, x, empty, S))).max())
         t = {name: timed(f, mla, x, empty, S, repeats=args.repeats) for name, f in run.items()}

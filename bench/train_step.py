@@ -24,7 +24,8 @@ from flax import nnx  # noqa: E402
 from dsv3_jax import Transformer, preset  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 from dsv3_jax.flops import flops_per_token, measure_peak_flops  # noqa: E402
-from dsv3_jax.train.step import make_train_step, split_model  # noqa: E402
+from dsv3_jax.train.state import new_state, split_model  # noqa: E402
+from dsv3_jax.train.step import make_train_step  # noqa: E402
 
 
 def main():
@@ -38,8 +39,7 @@ def main():
     cfg = preset(args.preset, moe_impl=args.moe_impl)
     graphdef, params, biases = split_model(nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))())
     tx = optax.adamw(1e-4)
-    state = {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = new_state(params, biases, tx)
     step = jax.jit(make_train_step(graphdef, tx, TrainConfig(batch_size=args.batch, seq_len=args.seq),
                                    cfg.n_moe_layers), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size)

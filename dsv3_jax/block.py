@@ -128,5 +128,6 @@ class BlockStack(nnx.Module):
         if overlap:
             halves = tuple(jax.tree.map(lambda v, i=i: split_pair(v)[i], ctx) for i in (0, 1))
             x = split_pair(x)
-        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.n)))
+        n = jax.tree.leaves(state)[0].shape[0]  # a pipeline stage holds L / P of the n layers
+        (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
         return (join_pair(*x) if overlap else x), stats, cache

@@ -1,6 +1,6 @@
 """Leaf layers: Linear, RMSNorm, Embedding, the SwiGLU MLP. They take plain ints, not the config.
 
-Shape letters: B batch, S sequence, D `dim`, F MLP width, V vocabulary.
+Shape letters (the package legend): B batch, S sequence, D `dim`, F MLP width, V vocabulary.
 
 Weights are stored (out, in) as in DeepSeek's and HF's checkpoints. That is the K-major layout
 Hopper's FP8 tensor cores need, and it makes checkpoint conversion a rename. Every parameter

@@ -13,7 +13,8 @@ from pallas_kernels.fp8_grouped import (Fp8GroupedTuning, fp8_grouped_linear, fp
 from pallas_kernels.fp8_matmul import (Fp8MatmulTuning, fp8_block_matmul,
                                        fp8_block_matmul_reference, fp8_linear)
 from pallas_kernels.fp8_matmul_mgpu import HAS_MGPU, mgpu_block_matmul
-from pallas_kernels.fp8_quant import (FP8, FP8_MAX, TILE, dequantize_act_1x128,
+from pallas_kernels.common import FP8, FP8_MAX, TILE
+from pallas_kernels.fp8_quant import (dequantize_act_1x128,
                                       dequantize_act_128x1, dequantize_weight_128x128,
                                       quantize_act_1x128, quantize_act_128x1,
                                       quantize_weight_128x128)

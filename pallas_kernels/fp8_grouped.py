@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.fp8_matmul import _k_loop_kernel, _pad_to
+from pallas_kernels.common import cdiv, pad_to
+from pallas_kernels.fp8_matmul import _k_loop_kernel
 from pallas_kernels.fp8_quant import (FP8, TILE, dequantize_act_128x1, quantize_act_1x128,
                                       quantize_act_128x1, quantize_weight_128x128)
 
@@ -49,10 +50,6 @@ class Fp8GroupedTuning:
                 raise ValueError(f"Fp8GroupedTuning.{name} must be a positive int, got {v!r}")
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _validate(xq, xs, wq, ws, group_sizes):
     if xq.dtype != FP8 or wq.dtype != FP8:
         raise ValueError(f"fp8_grouped_matmul: xq and wq must be float8_e4m3fn, got "
@@ -61,11 +58,11 @@ def _validate(xq, xs, wq, ws, group_sizes):
         raise ValueError(f"fp8_grouped_matmul: expected xq (M, K) and wq (E, N, K), got "
                          f"xq {tuple(xq.shape)}, wq {tuple(wq.shape)}")
     (m, k), (e, n, _) = xq.shape, wq.shape
-    nk = _cdiv(k, TILE)
+    nk = cdiv(k, TILE)
     if xs.dtype != jnp.float32 or tuple(xs.shape) != (m, nk):
         raise ValueError(f"fp8_grouped_matmul: xs must be float32 of shape {(m, nk)}, "
                          f"got {xs.dtype}{tuple(xs.shape)}")
-    want = (e, _cdiv(n, TILE), nk)
+    want = (e, cdiv(n, TILE), nk)
     if ws.dtype != jnp.float32 or tuple(ws.shape) != want:
         raise ValueError(f"fp8_grouped_matmul: ws must be float32 of shape {want}, got "
                          f"{ws.dtype}{tuple(ws.shape)}")
@@ -92,8 +89,8 @@ def _reference(xq, xs, wq, ws, group_sizes, out_dtype):
     (m, k), (e, n, _), nk = xq.shape, wq.shape, xs.shape[1]
     gs = group_sizes.astype(jnp.int32)
     # e4m3 -> bf16 is exact, and so are bf16 products in f32: exact per-block dots.
-    xb = _pad_to(xq, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
-    wb = _pad_to(wq, (e, n, nk * TILE)).astype(jnp.bfloat16).reshape(e, n, nk, TILE)
+    xb = pad_to(xq, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
+    wb = pad_to(wq, (e, n, nk * TILE)).astype(jnp.bfloat16).reshape(e, n, nk, TILE)
     ws_rows_all = _weight_scale_cols(ws, n)          # (E, nk, N)
     eid = _row_expert(gs, m)
 
@@ -125,7 +122,7 @@ def _aligned_layout(group_sizes, m, bm, mp):
     e = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(gs) - gs
-    padded = _cdiv(gs, bm) * bm
+    padded = cdiv(gs, bm) * bm
     pstarts = jnp.cumsum(padded) - padded
     eid = _row_expert(gs, m)
     rows = jnp.arange(m)
@@ -138,14 +135,14 @@ def _aligned_layout(group_sizes, m, bm, mp):
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "out_dtype", "interpret"))
 def _pallas(xq, xs, wq, ws, group_sizes, *, bm, bn, out_dtype, interpret):
     (m, k), (e, n, _), nk = xq.shape, wq.shape, xs.shape[1]
-    kp, np_ = nk * TILE, _cdiv(n, bn) * bn
+    kp, np_ = nk * TILE, cdiv(n, bn) * bn
     # Static capacity: sum_e ceil(g_e/bm)*bm <= M + E*(bm-1), rounded to tiles.
-    mp = _cdiv(m + e * (bm - 1), bm) * bm
+    mp = cdiv(m + e * (bm - 1), bm) * bm
     dest, tile_expert = _aligned_layout(group_sizes, m, bm, mp)
-    x_p = jnp.zeros((mp, kp), FP8).at[dest].set(_pad_to(xq, (m, kp)), mode="drop")
+    x_p = jnp.zeros((mp, kp), FP8).at[dest].set(pad_to(xq, (m, kp)), mode="drop")
     xs_p = jnp.zeros((mp, nk), jnp.float32).at[dest].set(xs, mode="drop")
-    w_p = _pad_to(wq, (e, np_, kp))
-    ws_p = _pad_to(_weight_scale_cols(ws, n), (e, nk, np_))
+    w_p = pad_to(wq, (e, np_, kp))
+    ws_p = pad_to(_weight_scale_cols(ws, n), (e, nk, np_))
 
     def kernel(te_ref, *refs):  # the tile -> expert table is only used by index maps
         del te_ref

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import cdiv, pad_to
 from pallas_kernels import fp8_matmul_mgpu as _mgpu
 from pallas_kernels.fp8_quant import (FP8, TILE, quantize_act_1x128, quantize_act_128x1,
                                       quantize_weight_128x128)
@@ -75,10 +76,6 @@ class Fp8MatmulTuning:
                              f"'simple', got {self.mosaic_variant!r}")
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _validate(xq, xs, wq, ws):
     """Checks dtypes/shapes; returns (lead_shape, M, N, K, nk)."""
     if xq.dtype != FP8 or wq.dtype != FP8:
@@ -89,16 +86,16 @@ def _validate(xq, xs, wq, ws):
                          f"xq {tuple(xq.shape)}, wq {tuple(wq.shape)}")
     *lead, k = xq.shape
     n = wq.shape[0]
-    nk = _cdiv(k, TILE)
+    nk = cdiv(k, TILE)
     if wq.shape[1] != k:
         raise ValueError(f"fp8_block_matmul: wq shape {tuple(wq.shape)} does not match "
                          f"xq shape {tuple(xq.shape)}: expected wq of shape (N, {k})")
     if xs.dtype != jnp.float32 or tuple(xs.shape) != (*lead, nk):
         raise ValueError(f"fp8_block_matmul: xs must be float32 of shape {(*lead, nk)} "
                          f"(one scale per row per 128 of K), got {xs.dtype}{tuple(xs.shape)}")
-    if ws.dtype != jnp.float32 or tuple(ws.shape) not in ((_cdiv(n, TILE), nk), (n, nk)):
+    if ws.dtype != jnp.float32 or tuple(ws.shape) not in ((cdiv(n, TILE), nk), (n, nk)):
         raise ValueError(f"fp8_block_matmul: ws must be float32 of shape "
-                         f"{(_cdiv(n, TILE), nk)} (128x128 blocks) or {(n, nk)} (per row), "
+                         f"{(cdiv(n, TILE), nk)} (128x128 blocks) or {(n, nk)} (per row), "
                          f"got {ws.dtype}{tuple(ws.shape)}")
     return tuple(lead), math.prod(lead), n, k, nk
 
@@ -110,17 +107,13 @@ def _weight_scale_cols(ws, n):
     return ws.T
 
 
-def _pad_to(a, shape):
-    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
-
-
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def _reference(x2, xs2, wq, ws, out_dtype):
     (m, k), n, nk = x2.shape, wq.shape[0], xs2.shape[1]
     # e4m3 values are exact in bf16, and bf16 x bf16 products are exact in f32,
     # so each 128-block dot is exact products + f32 sums on every backend.
-    xb = _pad_to(x2, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
-    wb = _pad_to(wq, (n, nk * TILE)).astype(jnp.bfloat16).reshape(n, nk, TILE)
+    xb = pad_to(x2, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
+    wb = pad_to(wq, (n, nk * TILE)).astype(jnp.bfloat16).reshape(n, nk, TILE)
 
     def promote(acc, blk):
         xk, wk, sx, sw = blk
@@ -241,10 +234,10 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
         # Small M (decode): one 64-row warpgroup tile instead of a mostly-padded 128.
         bm = 64 if (m <= 64 and tuning is None) else t.block_m
         bn = t.block_n
-    mp, np_, kp = _cdiv(m, bm) * bm, _cdiv(n, bn) * bn, nk * TILE
-    x2 = _pad_to(xq.reshape(m, k), (mp, kp))
-    xs2 = _pad_to(xs.reshape(m, nk), (mp, nk))
-    w2 = _pad_to(wq, (np_, kp))
+    mp, np_, kp = cdiv(m, bm) * bm, cdiv(n, bn) * bn, nk * TILE
+    x2 = pad_to(xq.reshape(m, k), (mp, kp))
+    xs2 = pad_to(xs.reshape(m, nk), (mp, nk))
+    w2 = pad_to(wq, (np_, kp))
     out_dtype = jnp.dtype(out_dtype)
     if impl == "pallas":
         variant = t.pallas_variant
@@ -252,7 +245,7 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
             variant = "k_grid" if backend == "tpu" else "k_loop"
         if interpret is None:
             interpret = backend == "cpu"
-        ws_cols = _pad_to(_weight_scale_cols(ws, n), (nk, np_))
+        ws_cols = pad_to(_weight_scale_cols(ws, n), (nk, np_))
         out = _pallas(x2, xs2, w2, ws_cols, bm=bm, bn=bn, variant=variant,
                       out_dtype=out_dtype, interpret=interpret)
     else:
@@ -262,9 +255,9 @@ def fp8_block_matmul(xq, xs, wq, ws, out_dtype=jnp.float32, *, impl: str = "auto
         # per-row scales (Wgrad) or wider tiles go through a per-column scale vector.
         column = (ws.shape[0] == n and n > 1) or TILE % t.block_n != 0
         if column:
-            ws_k = _pad_to(_weight_scale_cols(ws, n), (nk, np_))
+            ws_k = pad_to(_weight_scale_cols(ws, n), (nk, np_))
         else:
-            ws_k = _pad_to(ws, (_cdiv(np_, TILE), nk))
+            ws_k = pad_to(ws, (cdiv(np_, TILE), nk))
         if ws_variant:
             out = _mgpu.mgpu_block_matmul_ws(
                 x2, xs2.T, w2, ws_k, tile_n=t.block_n, wg_split=split,

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import FP8, TILE, cdiv
+
 try:  # Mosaic GPU is experimental; the package must import without it.
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -50,8 +52,7 @@ except ImportError:  # pragma: no cover - depends on the jax build
     pl = plgpu = None
     HAS_MGPU = False
 
-BLOCK_K = 128  # = N_C, the promotion interval; also the scale granularity along K
-FP8 = jnp.float8_e4m3fn
+BLOCK_K = TILE  # = N_C, the promotion interval; also the scale granularity along K
 
 
 def default_interpret_params(detect_races: bool = False):
@@ -91,7 +92,7 @@ def _validate(xq, xs_t, wq, ws, block_m, block_n, max_concurrent_steps, column_s
     else:
         _check(BLOCK_K % block_n == 0, f"mgpu_block_matmul: block weight scales need "
                f"block_n dividing {BLOCK_K}, got block_n={block_n}")
-        want = (-(-n // BLOCK_K), nk)
+        want = (cdiv(n, BLOCK_K), nk)
     _check(ws.shape == want and ws.dtype == jnp.float32,
            f"mgpu_block_matmul: ws must be float32 of shape {want}, got "
            f"{ws.dtype}{tuple(ws.shape)}")

@@ -25,23 +25,17 @@ All functions are pure jnp: XLA fuses the amax, divide and cast into one pass.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0      # largest finite E4M3 (e4m3fn) value
+from pallas_kernels.common import FP8, FP8_MAX, TILE, cdiv
+
 AMAX_FLOOR = 1e-4    # DeepSeek clamps amax so zero tiles get a finite scale
-TILE = 128           # N_C in the report: the quantization and promotion width
 
 __all__ = [
     "FP8", "FP8_MAX", "TILE",
     "quantize_act_1x128", "quantize_act_128x1", "quantize_weight_128x128",
     "dequantize_act_1x128", "dequantize_act_128x1", "dequantize_weight_128x128",
 ]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_float(name: str, x, min_ndim: int, exact_ndim: int | None = None):
@@ -69,7 +63,7 @@ def _scale_from_amax(amax, pow2_scale: bool):
 def _quant_last(x, pow2_scale: bool):
     """Quantize along the last axis in 128-wide groups: (..., K) -> (..., K), (..., ceil(K/128))."""
     k = x.shape[-1]
-    kp = _cdiv(k, TILE) * TILE
+    kp = cdiv(k, TILE) * TILE
     xf = x.astype(jnp.float32)
     if kp != k:  # zero padding: does not change the amax of the edge tile
         xf = jnp.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, kp - k)])
@@ -106,7 +100,7 @@ def quantize_act_1x128(x, *, pow2_scale: bool = False):
 
 def dequantize_act_1x128(q, s, out_dtype=jnp.float32):
     """Inverse of ``quantize_act_1x128``: q (..., K), s (..., ceil(K/128)) -> (..., K)."""
-    _check_q("dequantize_act_1x128", q, s, (*q.shape[:-1], _cdiv(q.shape[-1], TILE)))
+    _check_q("dequantize_act_1x128", q, s, (*q.shape[:-1], cdiv(q.shape[-1], TILE)))
     return _dequant_last(q, s, out_dtype)
 
 
@@ -127,7 +121,7 @@ def dequantize_act_128x1(q, s, out_dtype=jnp.float32):
         raise ValueError(f"dequantize_act_128x1: expected q of shape (..., T, K), "
                          f"got {tuple(q.shape)}")
     _check_q("dequantize_act_128x1", q, s,
-             (*q.shape[:-2], _cdiv(q.shape[-2], TILE), q.shape[-1]))
+             (*q.shape[:-2], cdiv(q.shape[-2], TILE), q.shape[-1]))
     return jnp.swapaxes(_dequant_last(jnp.swapaxes(q, -1, -2),
                                       jnp.swapaxes(s, -1, -2), out_dtype), -1, -2)
 
@@ -139,7 +133,7 @@ def quantize_weight_128x128(w, *, pow2_scale: bool = False):
     """
     w = _check_float("quantize_weight_128x128(w)", w, min_ndim=2, exact_ndim=2)
     n, k = w.shape
-    nb, kb = _cdiv(n, TILE), _cdiv(k, TILE)
+    nb, kb = cdiv(n, TILE), cdiv(k, TILE)
     wf = jnp.pad(w.astype(jnp.float32), [(0, nb * TILE - n), (0, kb * TILE - k)])
     blocks = wf.reshape(nb, TILE, kb, TILE)
     s = _scale_from_amax(jnp.max(jnp.abs(blocks), axis=(1, 3)), pow2_scale)
@@ -153,7 +147,7 @@ def dequantize_weight_128x128(q, s, out_dtype=jnp.float32):
         raise ValueError(f"dequantize_weight_128x128: expected q of shape (N, K), "
                          f"got {tuple(q.shape)}")
     n, k = q.shape
-    _check_q("dequantize_weight_128x128", q, s, (_cdiv(n, TILE), _cdiv(k, TILE)))
+    _check_q("dequantize_weight_128x128", q, s, (cdiv(n, TILE), cdiv(k, TILE)))
     s_full = jnp.repeat(jnp.repeat(s, TILE, axis=0), TILE, axis=1)[:n, :k]
     return (q.astype(jnp.float32) * s_full).astype(out_dtype)
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3_jax.sharding import make_mesh
+from dsv3_jax.checkpoint import Checkpointer, abstract_like
 from dsv3_jax.errors import CheckpointError
-from dsv3_jax.train.checkpoint import (Checkpointer, PreemptionGuard,
-                                       abstract_like)
+from dsv3_jax.sharding import make_mesh
+from dsv3_jax.train.preemption import PreemptionGuard
 
 DATA_STATE = {"next_index": 1234}
 META = {"model": {"dim": 64, "n_layers": 3}, "note": "test"}
@@ -186,7 +186,7 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, mesh8, caplog, name):
     save_steps(tmp_path, mesh8, [1, 2])
     corrupt(tmp_path / "2")
     with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
-        with caplog.at_level(logging.WARNING, logger="dsv3_jax.train.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="dsv3_jax.checkpoint"):
             step, restored, data_state, _ = ckpt.restore_latest(abstract_like(make_state(mesh8)))
         assert step == 1 and data_state == {"next_index": 1}
         assert_bit_equal(restored, make_state(mesh8, 1))
@@ -213,7 +213,7 @@ def test_no_readable_checkpoint_raises_clear_error(tmp_path, mesh8):
 
 CHILD = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp
-    from dsv3_jax.train.checkpoint import Checkpointer
+    from dsv3_jax.checkpoint import Checkpointer
     big = lambda v: {"w": jnp.full((4096, 4096), v, jnp.float32)}  # 64 MB: the write takes a while
     ckpt = Checkpointer(sys.argv[1], save_every=1, keep=3)
     ckpt.save(1, big(1.0), data_state={"next_index": 1}, meta={})
@@ -265,7 +265,7 @@ def test_aborted_orbax_reads_are_not_reported_twice(kind):
     """A failed restore's sibling reads end as never-retrieved asyncio exceptions raised inside
     orbax; those records are dropped (the restore already reported the failure in one line).
     The same message from any other code still gets through."""
-    from dsv3_jax.train.checkpoint import _AbortedReadFilter
+    from dsv3_jax.checkpoint import _AbortedReadFilter
 
     def record_from(filename):
         ns = {}

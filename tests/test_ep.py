@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.moe import moe_ragged, route
+from dsv3_jax.experts import routed_experts
+from dsv3_jax.moe import route
 from dsv3_jax.parallel import wire
 from dsv3_jax.parallel.ep import capacity, max_shards_per_token, moe_ep
 from dsv3_jax.sharding import make_mesh
@@ -40,7 +41,7 @@ def _value_and_grads(fn, problem):
 
 
 def _reference(problem):
-    return _value_and_grads(lambda *a: (moe_ragged(*a, dtype=jnp.float32), {}), problem)
+    return _value_and_grads(lambda *a: (routed_experts(*a, dtype=jnp.float32), {}), problem)
 
 
 def _ep(problem, mesh_shape, cfg=CFG):

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from dsv3_jax import Transformer, preset
-from dsv3_jax.train.step import loss_fn, split_model
+from dsv3_jax.train.state import split_model
+from dsv3_jax.train.step import loss_fn
 from pallas_kernels import fp8_grouped_linear
 
 CFG = preset("tiny", vocab_size=256)

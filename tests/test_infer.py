@@ -15,14 +15,11 @@ from flax import nnx
 from scipy import stats
 
 from dsv3_jax import Transformer, preset
-from dsv3_jax.attention import causal_mask
+from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_bytes_per_token, init_cache
-from dsv3_jax.infer import engine as programs
-from dsv3_jax.infer.cache import LatentCache
-from dsv3_jax.infer.decode import absorbed_attention, expanded_attention, forward_cached, mtp_forward
+from dsv3_jax.infer import programs
 from dsv3_jax.infer.sampling import filter_logits, probabilities, sample
-from dsv3_jax.rope import rope_tables
 from dsv3_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,14 +80,18 @@ def greedy(engine):
 
 
 forward = nnx.jit(lambda m, t: m.forward(t))
-cached = nnx.jit(forward_cached, static_argnames=("kv_len", "expand"))
-project = nnx.jit(lambda m, h: m.project(h, m.norm))
-cached_mtp = nnx.jit(mtp_forward, static_argnums=1, static_argnames="kv_len")
-mtp_project = nnx.jit(lambda m, k, h: m.project(h, m.mtp[k].norm), static_argnums=1)
-absorbed = nnx.jit(absorbed_attention, static_argnames="kv_len")
-expanded_mla = nnx.jit(expanded_attention, static_argnames="kv_len")
-naive_mla = nnx.jit(lambda mla, x, p: mla(x, *rope_tables(CFG, p), causal_mask(p, p)))
-trunk_norm = nnx.jit(lambda m, t, p: m.norm(m.trunk(t, p)[0]))
+cached = nnx.jit(lambda m, cache, t, p, form="absorbed": m.forward_cached(t, p, cache, form=form),
+                 static_argnames="form")
+project = nnx.jit(lambda m, h: m.logits(h))
+mtp_project = nnx.jit(lambda m, k, h: m.logits(h, m.mtp[k].norm), static_argnums=1)
+trunk_norm = nnx.jit(lambda m, t, p: m.norm(m.trunk(m.embed(t), m.context(p))[0]))
+
+
+@nnx.jit(static_argnums=1)
+def cached_mtp(m, k, h_prev, nxt, pos, cache):
+    """MTP module k (0-based) over positions pos with its own one-layer latent cache (absorbed)."""
+    h, _, cache = m.mtp[k](h_prev, m.embed(nxt), m.context(pos, kv_len=cache.c_kv.shape[2]), cache, form="absorbed")
+    return h, cache
 
 
 # ---- the cache -----------------------------------------------------------------------------------
@@ -128,73 +129,9 @@ def test_v3_671b_prefill_and_speculative_step_trace_without_memory(fp8_weights):
     assert rows.cache.layers[1].c_kv.shape == (58, 2, 64, 512) and first.tokens.shape == (2, 1)
 
 
-# ---- absorbed attention ----------------------------------------------------------------------------
-def _first_moe_block(model):
-    graphdef, state = nnx.split(model.moe_layers.blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-
-
-def _shapes(jaxpr, out=None):
-    """Every intermediate shape in a jaxpr, sub-jaxprs (scan, pjit, cond) included."""
-    out = set() if out is None else out
-    for eqn in jaxpr.eqns:
-        out.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-        for val in eqn.params.values():
-            for sub in val if isinstance(val, (tuple, list)) else (val,):
-                if hasattr(sub, "eqns"):
-                    _shapes(sub, out)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    _shapes(sub.jaxpr, out)
-    return out
-
-
-def test_absorbed_attention_equals_naive_and_never_expands_the_cache(model):
-    mla = _first_moe_block(model).attn
-    B, S, T = 2, 10, 16
-    x = jax.random.normal(jax.random.key(3), (B, S, CFG.dim))
-    pos = jnp.broadcast_to(jnp.arange(S), (B, S))
-    cos, sin = rope_tables(CFG, pos)
-    naive = naive_mla(mla, x, pos)
-    empty = LatentCache(jnp.zeros((1, B, T, CFG.kv_lora_rank)), jnp.zeros((1, B, T, CFG.qk_rope_head_dim)))
-    out, cache = absorbed(mla, x, cos, sin, pos, empty, 0, kv_len=T)
-    np.testing.assert_allclose(out, naive, rtol=1e-5, atol=1e-5)
-    c_kv, k_pe = mla.latent(x, cos, sin)
-    np.testing.assert_allclose(cache.c_kv[0, :, :S], c_kv, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(cache.k_pe[0, :, :S], k_pe, rtol=1e-6, atol=1e-6)
-    assert not cache.c_kv[0, :, S:].any()
-    # prefill's expanded form: same output, same cache
-    out_e, cache_e = expanded_mla(mla, x, cos, sin, pos, empty, 0, kv_len=T)
-    np.testing.assert_allclose(out_e, naive, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(cache_e.c_kv, cache.c_kv)
-    np.testing.assert_array_equal(cache_e.k_pe, cache.k_pe)
-    # one more token at position S against the cache == naive attention over S+1 tokens
-    x1 = jax.random.normal(jax.random.key(4), (B, 1, CFG.dim))
-    pos1 = jnp.full((B, 1), S)
-    step, _ = absorbed(mla, x1, *rope_tables(CFG, pos1), pos1, cache, 0, kv_len=T)
-    xs, ps = jnp.concatenate([x, x1], 1), jnp.broadcast_to(jnp.arange(S + 1), (B, S + 1))
-    full = naive_mla(mla, xs, ps)
-    np.testing.assert_allclose(step[:, 0], full[:, S], rtol=1e-5, atol=1e-5)
-
-    # The compiled decode step holds no per-head key or value over the T cache slots, while the
-    # expanded (training) attention does: the check below can tell them apart.
-    H, N, R, Dv = CFG.n_heads, CFG.qk_nope_head_dim, CFG.qk_rope_head_dim, CFG.v_head_dim
-    Bd, Td = 3, 64
-    expanded = {(Bd, Td, H, N), (Bd, Td, H, Dv), (Bd, Td, H * (N + Dv)), (Bd, Td, H, N + R)}
-    graphdef, params = nnx.split(model)
-    state = programs.empty_state(CFG, Bd, Td, n_draft=1, sampling=SamplingConfig(), cache_dtype=jnp.bfloat16,
-                                 hidden_dtype=jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(-1),
-                                                      n_draft=1, sampling=SamplingConfig()))(params, state)
-    assert not _shapes(jaxpr.jaxpr) & expanded
-    xd = jnp.zeros((Bd, Td, CFG.dim))
-    pd = jnp.broadcast_to(jnp.arange(Td), (Bd, Td))
-    naive_jaxpr = jax.make_jaxpr(lambda x: mla(x, *rope_tables(CFG, pd), causal_mask(pd, pd)))(xd)
-    assert _shapes(naive_jaxpr.jaxpr) & expanded
-
-
 # ---- prefill + decode == teacher forcing ------------------------------------------------------------
-@pytest.mark.parametrize("expand", [True, False])
-def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, expand):
+@pytest.mark.parametrize("form", ["expanded", "absorbed"])
+def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, form):
     """Right-padded prefill of prompts of lengths 5 and 8 (expanded attention as the engine does,
     or absorbed), then 4 absorbed single-token steps, each fed the true next token: every logit
     equals the full forward's (float32, 1e-4)."""
@@ -203,14 +140,14 @@ def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, expan
     lengths = np.array([5, 8])
     prompt = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], 0)  # right padding
     cache = init_cache(CFG, 2, 16, jnp.float32)
-    h, cache = cached(model, cache, prompt, jnp.broadcast_to(jnp.arange(8), (2, 8)), kv_len=8, expand=expand)
+    h, cache = cached(model, cache, prompt, jnp.broadcast_to(jnp.arange(8), (2, 8)), form=form)
     logits = np.asarray(project(model, h))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(logits[b, :n], want[b, :n], rtol=1e-4, atol=1e-4)
     rows = np.arange(2)
     for k in range(4):
         pos = lengths + k
-        h, cache = cached(model, cache, tokens[rows, pos][:, None], jnp.asarray(pos)[:, None], kv_len=16)
+        h, cache = cached(model, cache, tokens[rows, pos][:, None], jnp.asarray(pos)[:, None])
         np.testing.assert_allclose(project(model, h)[:, 0], want[rows, pos], rtol=1e-4, atol=1e-4)
 
 
@@ -229,12 +166,12 @@ def test_cached_mtp_modules_equal_the_training_forward(model):
     prev = hn
     for k in range(2):
         nxt = jnp.concatenate([tokens[:, k + 1:], jnp.zeros((2, k + 1), tokens.dtype)], axis=1)
-        prev, _ = cached_mtp(model, k, prev, nxt, pos, empty(), kv_len=16)
+        prev, _ = cached_mtp(model, k, prev, nxt, pos, empty())
         got = mtp_project(model, k, prev)
         np.testing.assert_allclose(got[:, : S - k - 1], out.mtp_logits[k][:, : S - k - 1], rtol=1e-4, atol=1e-4)
     cache = empty()
     for p in range(S - 1):
-        h1, cache = cached_mtp(model, 0, hn[:, p:p + 1], tokens[:, p + 1:p + 2], pos[:, p:p + 1], cache, kv_len=16)
+        h1, cache = cached_mtp(model, 0, hn[:, p:p + 1], tokens[:, p + 1:p + 2], pos[:, p:p + 1], cache)
         np.testing.assert_allclose(mtp_project(model, 0, h1)[:, 0], out.mtp_logits[0][:, p], rtol=1e-4, atol=1e-4)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.moe import (expert_load, moe_dense, moe_ragged, route, sequence_balance_loss,
-                          tiled_grouped_matmul)
+from dsv3_jax.experts import dense_reference, routed_experts, tiled_grouped_matmul
+from dsv3_jax.moe import expert_load, route, sequence_balance_loss
 
 
 def gate_loop(logits, bias, cfg):
@@ -89,11 +89,11 @@ def test_dropless_ragged_equals_dense_loop_values_and_gradients():
     w1, w2, w3 = _experts(rng)
     weights, idx, _ = route(jnp.asarray(rng.normal(size=(40, 8)).astype(np.float32)), jnp.zeros(8), cfg)
     args = (x, weights, idx, w1, w2, w3)
-    np.testing.assert_allclose(moe_ragged(*args, dtype=jnp.float32), moe_dense(*args, dtype=jnp.float32),
+    np.testing.assert_allclose(routed_experts(*args, dtype=jnp.float32), dense_reference(*args, dtype=jnp.float32),
                                rtol=1e-5, atol=1e-6)
     loss = lambda f: lambda *a: (f(*a, dtype=jnp.float32) ** 2).sum()  # noqa: E731
-    g_r = jax.grad(loss(moe_ragged), argnums=(0, 1, 3, 4, 5))(*args)
-    g_d = jax.grad(loss(moe_dense), argnums=(0, 1, 3, 4, 5))(*args)
+    g_r = jax.grad(loss(routed_experts), argnums=(0, 1, 3, 4, 5))(*args)
+    g_d = jax.grad(loss(dense_reference), argnums=(0, 1, 3, 4, 5))(*args)
     for a, b in zip(g_r, g_d):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -104,8 +104,8 @@ def test_dropless_handles_an_expert_nobody_chose():
     w1, w2, w3 = _experts(rng)
     idx = jnp.asarray(rng.integers(0, 4, size=(10, 2)), jnp.int32)  # experts 4..7 idle
     weights = jnp.full((10, 2), 0.5)
-    np.testing.assert_allclose(moe_ragged(x, weights, idx, w1, w2, w3, dtype=jnp.float32),
-                               moe_dense(x, weights, idx, w1, w2, w3, dtype=jnp.float32), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(routed_experts(x, weights, idx, w1, w2, w3, dtype=jnp.float32),
+                               dense_reference(x, weights, idx, w1, w2, w3, dtype=jnp.float32), rtol=1e-5, atol=1e-6)
 
 
 def test_sequence_balance_loss_matches_eqs_17_to_20():

@@ -28,16 +28,13 @@ def worker(pid: int, nproc: int, port: int, local_devices: int, tokens_path: str
     if nproc > 1:
         multihost.initialize(f"127.0.0.1:{port}", nproc, pid, timeout_s=30)
     import jax.numpy as jnp
-    from flax import nnx
 
     from dsv3_jax.config import preset
     from dsv3_jax.data import DataConfig, make_data
-    from dsv3_jax.model import Transformer
-    from dsv3_jax.parallel import layout
     from dsv3_jax.sharding import batch_sharding, make_mesh
+    from dsv3_jax.train import layout
     from dsv3_jax.train.config import OptimConfig, TrainConfig
-    from dsv3_jax.train.optim import decay_mask, make_optimizer
-    from dsv3_jax.train.step import split_model
+    from dsv3_jax.train.state import init_state
 
     # two MoE layers and nothing else: the program stays small, so three processes compile it quickly
     cfg = preset("tiny", n_layers=2, n_dense_layers=0, n_mtp_modules=0, vocab_size=128, max_seq_len=32,
@@ -50,19 +47,7 @@ def worker(pid: int, nproc: int, port: int, local_devices: int, tokens_path: str
     ds = make_data(DataConfig(sources=(tokens_path,), val_fraction=0.0), seq_len=SEQ, global_batch_size=BATCH,
                    vocab_size=cfg.vocab_size, workdir=os.path.dirname(tokens_path),
                    process_index=share, process_count=n_shares)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, abs_biases = split_model(abstract)
-    tx = make_optimizer(OptimConfig(peak_lr=1e-2, warmup_steps=1), decay_mask(abs_params))
-    abs_state = {"params": abs_params, "biases": abs_biases, "opt": jax.eval_shape(tx.init, abs_params),
-                 "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    sh = layout.state_shardings(abs_state, mesh)
-
-    def init():
-        _, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
-        return {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jnp.zeros((2,), jnp.uint32)}
-
-    state = jax.jit(init, out_shardings=sh)()
+    graphdef, tx, state, sh = init_state(cfg, OptimConfig(peak_lr=1e-2, warmup_steps=1), mesh)
     step = jax.jit(layout.make_step(graphdef, tx, run, cfg, mesh), donate_argnums=0,
                    in_shardings=(sh, in_sh, None, None), out_shardings=(sh, None))
     step = step.lower(state, {"inputs": jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=in_sh)} | {

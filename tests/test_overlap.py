@@ -10,8 +10,11 @@ from flax import nnx
 
 from dsv3_jax.config import preset
 from dsv3_jax.model import Transformer
-from dsv3_jax.parallel import hlo, overlap
+from dsv3_jax.block import MICRO, join_pair, split_pair
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel import xla_flags
 from dsv3_jax.sharding import batch_sharding, make_mesh, shard_model
+from dsv3_jax.train import hlo
 
 CFG = preset("tiny", vocab_size=128, max_seq_len=32)
 COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -27,12 +30,12 @@ def test_overlapped_forward_equals_forward():
         return f.lower(state, tokens).compile(COMPILE)(state, tokens)
 
     want = run(lambda m, t: m.forward(t))
-    got = run(overlap.overlapped_forward)
-    for field in ("logits", "mtp_logits", "moe_balance"):
-        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got.moe_load, want.moe_load)
-    a, b = overlap.split_pair(tokens)
-    np.testing.assert_array_equal(overlap.join_pair(a, b), tokens)
+    got = run(lambda m, t: m.forward(t, overlap=True))
+    for a, b in ((got.logits, want.logits), (got.mtp_logits, want.mtp_logits), (got.moe.balance, want.moe.balance)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.moe.load, want.moe.load)
+    a, b = split_pair(tokens)
+    np.testing.assert_array_equal(join_pair(a, b), tokens)
 
 
 def _ops(comps, ins, seen=None):
@@ -60,19 +63,19 @@ def test_all_to_all_of_one_micro_batch_is_independent_of_the_others_matmuls():
     graphdef, state = nnx.split(model)
     tokens = jax.random.randint(jax.random.key(1), (16, 16), 0, CFG.vocab_size)  # 2 x 8 rows: 1 per device
     with jax.set_mesh(mesh):
-        fn = jax.jit(lambda st, t: overlap.overlapped_forward(nnx.merge(graphdef, st), t).logits)
+        fn = jax.jit(lambda st, t: nnx.merge(graphdef, st).forward(t, overlap=True).logits)
         text = fn.lower(state, jax.device_put(tokens, batch_sharding(mesh, tokens.shape))).compile(COMPILE).as_text()
     comps, _ = hlo.parse(text)
     body = max(comps.values(), key=lambda c: sum(i.opcode == "all-to-all" for i in c.instructions.values()))
     is_dot = {i.name: [op for op in _ops(comps, i) if op.opcode == "dot"] for i in body.instructions.values()}
     a2a, dots, core = {}, {}, {}
-    for m in overlap.MICRO:
+    for m in MICRO:
         a2a[m] = [i.name for i in body.instructions.values() if i.opcode == "all-to-all" and f"/{m}/" in i.line]
         upstream = set().union(*(body.ancestors(c) for c in a2a[m]))
         named = {n for n, ds in is_dot.items() if any(f"/{m}/" in d.line for d in ds)}
         dots[m] = named | {n for n in upstream if is_dot[n]}
         core[m] = {n for n in upstream if is_dot[n] and not any("op_name" in d.line for d in is_dot[n])}
-    for m in overlap.MICRO:  # the layer body holds both micro-batches' dispatch, combine and matmuls
+    for m in MICRO:  # the layer body holds both micro-batches' dispatch, combine and matmuls
         assert len(a2a[m]) >= 2 and len(dots[m]) >= 8 and len(core[m]) >= 2, (m, a2a, dots, core)
     assert not dots["mb0"] & dots["mb1"]
     for m, other in (("mb0", "mb1"), ("mb1", "mb0")):
@@ -85,21 +88,21 @@ def test_all_to_all_of_one_micro_batch_is_independent_of_the_others_matmuls():
 
 def test_gpu_xla_flags(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-    added = overlap.set_gpu_xla_flags()
+    added = xla_flags.set_gpu_xla_flags()
     flags = os.environ["XLA_FLAGS"]
     assert "--xla_gpu_enable_latency_hiding_scheduler=false" in flags  # the user's setting wins
-    assert flags.count("latency_hiding_scheduler") == 1 and added == list(overlap.GPU_XLA_FLAGS[1:])
+    assert flags.count("latency_hiding_scheduler") == 1 and added == list(xla_flags.GPU_XLA_FLAGS[1:])
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert not overlap.gpu_requested()
+    assert not xla_flags.gpu_requested()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert overlap.gpu_requested()
+    assert xla_flags.gpu_requested()
 
 
 @pytest.mark.parametrize("bad", [(3, 16)])
 def test_overlap_needs_an_even_batch(bad):
     model = Transformer(CFG, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="must be even"):
-        overlap.overlapped_forward(model, jax.numpy.zeros(bad, jax.numpy.int32))
+    with pytest.raises(ConfigError, match="even batch"):
+        model.forward(jax.numpy.zeros(bad, jax.numpy.int32), overlap=True)
 
 
 def test_collective_bytes_counts_loops_and_narrow_types():

@@ -7,12 +7,14 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import preset
+from dsv3_jax import sharding
 from dsv3_jax.model import Transformer
-from dsv3_jax.parallel import layout, pipeline
 from dsv3_jax.sharding import batch_sharding, make_mesh
+from dsv3_jax.train import layout, pipeline
 from dsv3_jax.train.config import OptimConfig, TrainConfig
 from dsv3_jax.train.optim import decay_mask, make_optimizer
-from dsv3_jax.train.step import loss_fn, make_train_step, split_model
+from dsv3_jax.train.state import new_state, split_model
+from dsv3_jax.train.step import loss_fn, make_train_step
 
 CFG = preset("tiny", n_layers=5, vocab_size=128, max_seq_len=32)  # 1 dense + 4 MoE layers + 1 MTP
 EP32 = dict(moe_impl="ep", ep_dispatch="fp32", ep_combine="fp32")
@@ -38,8 +40,8 @@ def loss_and_grads(cfg, mesh_shape, schedule, setup, microbatches=RUN.pipeline_m
     """The layout's (loss, aux, grads) for one batch, compiled for the mesh."""
     mesh = make_mesh(*mesh_shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    params = jax.device_put(setup["params"], layout.param_shardings(setup["params"], mesh))
-    biases = jax.device_put(setup["biases"], layout.param_shardings(setup["biases"], mesh))
+    params = jax.device_put(setup["params"], sharding.state_shardings(setup["params"], mesh))
+    biases = jax.device_put(setup["biases"], sharding.state_shardings(setup["biases"], mesh))
     batch = jax.device_put(setup["batch"], batch_sharding(mesh, (RUN.batch_size, RUN.seq_len)))
     if layout.pipelined(mesh):
         f = pipeline.make_loss_and_grads(graphdef, cfg, mesh, schedule=schedule, microbatches=microbatches,
@@ -116,8 +118,7 @@ def _one_step(run, cfg, mesh, setup):
     """One full training step through layout.make_step with ZeRO-1 state; -> (state, metrics)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     tx = make_optimizer(OptimConfig(peak_lr=1e-2, warmup_steps=1), decay_mask(setup["params"]))
-    state = {"params": setup["params"], "biases": setup["biases"], "opt": tx.init(setup["params"]),
-             "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros((2,), jnp.uint32)}
+    state = new_state(setup["params"], setup["biases"], tx)
     if mesh is None:
         step = jax.jit(make_train_step(graphdef, tx, run, cfg.n_moe_layers))
         return step.lower(state, setup["batch"], 1e-3, MTP_LAMBDA).compile(COMPILE)(
@@ -172,6 +173,6 @@ def test_optax_state_is_what_opt_state_shardings_expects():
     abstract = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
     _, params, _ = split_model(abstract)
     opt = jax.eval_shape(make_optimizer(OptimConfig(), decay_mask(params)).init, params)
-    sh = layout.opt_shardings(opt, make_mesh(2, 2, 2))
+    sh = sharding.opt_state_shardings(opt, make_mesh(2, 2, 2))
     specs = [s.spec for s in jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))]
     assert sum("data" in str(s) for s in specs) > len(specs) // 2

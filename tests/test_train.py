@@ -147,7 +147,7 @@ def test_missing_required_value_is_reported(tmp_path):
 
 @pytest.mark.slow
 def test_infer_decodes_from_a_training_workdir(reference):
-    from dsv3_jax.train.checkpoint import load_for_inference
+    from dsv3_jax.infer.load import load_for_inference
     model, tokenizer = load_for_inference(str(reference))
     _, params = final_params(reference)
     np.testing.assert_array_equal(np.asarray(model.head[...]), np.asarray(params["head"]["value"]))

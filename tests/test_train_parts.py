@@ -17,7 +17,9 @@ from dsv3_jax.moe import RouterBias
 from dsv3_jax.train.balance import bias_delta, max_over_mean, update_biases
 from dsv3_jax.train.config import OptimConfig, TrainConfig
 from dsv3_jax.train.optim import decay_mask, lr_schedule, make_optimizer
-from dsv3_jax.train.step import cross_entropy, make_train_step, split_model
+from dsv3_jax.train.loss import cross_entropy
+from dsv3_jax.train.state import new_state, split_model
+from dsv3_jax.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +58,7 @@ def test_bias_update_rebalances_a_skewed_router():
     run = TrainConfig(batch_size=8, seq_len=32)
     tx = optax.set_to_zero()
     step = jax.jit(make_train_step(graphdef, tx, run, cfg.n_moe_layers))
-    state = {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = new_state(params, biases, tx)
     tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, 128)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     history = []

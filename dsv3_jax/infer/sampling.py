@@ -1,6 +1,6 @@
 """Token sampling: greedy, temperature, top-k, top-p; seeded per (sequence, position).
 
-Shape letters: B batch, V vocabulary.
+Shape letters (the package legend): B batch, V vocabulary.
 
 `filter_logits` is the one place the sampling distribution is defined: logits / temperature,
 everything outside the k best set to -inf, then everything outside the smallest set whose

@@ -1,24 +1,25 @@
 """Expert parallelism: routed experts sharded over the `expert` mesh axis, tokens moved by all-to-all.
 
-Shape letters: N tokens on this device, D `dim`, K activated experts per token, R = EP degree
-(shards of the expert axis), E_l = E / R experts per shard, C capacity (token slots per
-source->destination pair), J = min(K, E_l) expert slots a token can use on one shard.
+Shape letters (the package legend): N tokens on this device, D `dim`, K activated experts per
+token, X the EP degree (shards of the expert axis), El = E / X experts per shard, U the capacity
+(token slots per source->destination pair), J = min(K, El) expert slots a token can use on one
+shard.
 
 One MoE layer on one device, inside `jax.shard_map` (V3 report §3.2.2, ISCA '25 §4.3):
-  1. dispatch plan: shard r holds experts [r E_l, (r+1) E_l). A token is sent to shard r *once*
+  1. dispatch plan: shard r holds experts [r El, (r+1) El). A token is sent to shard r *once*
      if any of its K experts lives there (the per-node de-duplication DeepSeek does on IB), together
      with the ids (local to r) and gate weights of its experts on r. With the node-limited gate
      and groups laid out on shards (E/G experts per group, contiguous), a token reaches at most
-     n_limited_groups * max(1, R/G) shards; `shards_per_token` measures it.
-  2. the send buffer [R, C, D] holds, for each destination, the tokens sorted by destination in
-     token order; slots past a destination's count are padding. C defaults to N (the worst case:
+     n_limited_groups * max(1, X/G) shards; `shards_per_token` measures it.
+  2. the send buffer [X, U, D] holds, for each destination, the tokens sorted by destination in
+     token order; slots past a destination's count are padding. U defaults to N (the worst case:
      every token goes to every shard), so nothing is ever dropped, as DeepSeek trains. With
-     `ep_capacity_factor` > 0, C = ceil(factor * N * reach / R) and overflow is counted in
+     `ep_capacity_factor` > 0, U = ceil(factor * N * reach / X) and overflow is counted in
      `dropped` (token-shard pairs whose expert outputs are lost).
   3. dispatch: `lax.all_to_all` of the buffer (portable; XLA:CPU has no ragged-all-to-all), or
      `lax.ragged_all_to_all` with the same layout that sends only the filled slots (GPU/TPU).
      Activations travel in `ep_dispatch` format (default FP8 E4M3 with pow2 1x128 scales).
-  4. local experts: the received slots expand to [R C J] rows, sorted by local expert, through
+  4. local experts: the received slots expand to [X U J] rows, sorted by local expert, through
      `experts.routed_experts` (the same grouped GEMMs as the local path); each slot's rows are summed
      with their gate weights on the expert side, so the combine sends one vector per token-shard.
   5. combine: the reverse all-to-all in `ep_combine` format (default BF16, or LogFMT-n), then a
@@ -75,17 +76,17 @@ def capacity(cfg: ModelConfig, n_tokens: int, ep: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transport: [R, C, ...] buffers, chunk r to shard r; received chunk r came from shard r.
+# Transport: [X, U, ...] buffers, chunk r to shard r; received chunk r came from shard r.
 def _move(payload, axis, sizes):
     if sizes is None:
         return tuple(lax.all_to_all(p, axis, 0, 0, tiled=True) for p in payload)
     send, recv = sizes
     out = []
     for p in payload:
-        R, C = p.shape[:2]
-        flat = p.reshape(R * C, *p.shape[2:])
-        offsets = jnp.arange(R, dtype=jnp.int32) * C
-        here = jnp.full((R,), lax.axis_index(axis) * C, jnp.int32)  # where my chunk lands on each peer
+        X, U = p.shape[:2]
+        flat = p.reshape(X * U, *p.shape[2:])
+        offsets = jnp.arange(X, dtype=jnp.int32) * U
+        here = jnp.full((X,), lax.axis_index(axis) * U, jnp.int32)  # where my chunk lands on each peer
         got = lax.ragged_all_to_all(flat, jnp.zeros_like(flat), offsets, send, here, recv, axis_name=axis)
         out.append(got.reshape(p.shape))
     return tuple(out)
@@ -93,9 +94,9 @@ def _move(payload, axis, sizes):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def transfer(x, sizes, fwd_fmt: str, bwd_fmt: str, axis: str):
-    """All-to-all x [R, C, D] in `fwd_fmt`; its gradient travels back in `bwd_fmt`.
+    """All-to-all x [X, U, D] in `fwd_fmt`; its gradient travels back in `bwd_fmt`.
 
-    sizes: None for the fixed-capacity all_to_all, or (send [R], recv [R]) int32 slot counts for
+    sizes: None for the fixed-capacity all_to_all, or (send [X], recv [X]) int32 slot counts for
     ragged_all_to_all.
     """
     return wire.decode(_move(wire.encode(x, fwd_fmt), axis, sizes), fwd_fmt, x.dtype)
@@ -116,14 +117,14 @@ transfer.defvjp(_transfer_fwd, _transfer_bwd)
 # ---------------------------------------------------------------------------------------------
 def dispatch_plan(indices, weights, *, ep: int, n_local: int, cap: int):
     """Where each token goes. indices/weights [N,K] -> dict of
-    slot_token [R,C] (token id, N for an empty slot), ids [R,C,J] local expert ids (n_local: none),
-    gates [R,C,J] f32, counts [R] filled slots, dropped [] token-shard pairs over capacity,
+    slot_token [X,U] (token id, N for an empty slot), ids [X,U,J] local expert ids (n_local: none),
+    gates [X,U,J] f32, counts [X] filled slots, dropped [] token-shard pairs over capacity,
     reach [N] shards each token reaches."""
     N, K = indices.shape
     J = min(K, n_local)
     shard = indices // n_local  # [N,K]
-    here = shard[:, None, :] == jnp.arange(ep)[None, :, None]  # [N,R,K]
-    hit = here.any(-1)  # [N,R]
+    here = shard[:, None, :] == jnp.arange(ep)[None, :, None]  # [N,X,K]
+    hit = here.any(-1)  # [N,X]
     pos = jnp.cumsum(hit, axis=0) - 1  # slot of token n in the buffer to shard r
     kept = hit & (pos < cap)
     rows = jnp.where(kept, pos, cap)  # out of range -> dropped by the scatter
@@ -131,7 +132,7 @@ def dispatch_plan(indices, weights, *, ep: int, n_local: int, cap: int):
         jnp.broadcast_to(jnp.arange(ep)[None], (N, ep)), rows].set(
         jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32)[:, None], (N, ep)), mode="drop")
     # per (token, shard): that shard's experts first (stable), keep J of them
-    first = jnp.argsort(~here, axis=-1, stable=True)[..., :J]  # [N,R,J]
+    first = jnp.argsort(~here, axis=-1, stable=True)[..., :J]  # [N,X,J]
     mine = jnp.take_along_axis(here, first, axis=-1)
     local = indices[:, None, :] - (jnp.arange(ep) * n_local)[None, :, None]
     ids = jnp.where(mine, jnp.take_along_axis(local, first, axis=-1), n_local)
@@ -152,29 +153,29 @@ def dispatch_plan(indices, weights, *, ep: int, n_local: int, cap: int):
 def moe_ep_local(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str = "default",
                  scales=(None,) * 3):
     """The per-device body (expert axis manual). x [N,D], weights/indices [N,K] (global expert ids),
-    w1/w3 [E_l,F,D], w2 [E_l,D,F] local -> y [N,D], this device's stats {ep_dropped [] int32,
+    w1/w3 [El,F,D], w2 [El,D,F] local -> y [N,D], this device's stats {ep_dropped [] int32,
     ep_shards [] f32}; the caller reduces them over the token-carrying axes."""
     N, D = x.shape
     ep = jax.sharding.get_abstract_mesh().shape[EXPERT_AXIS]
-    E_l = w1.shape[0]
+    El = w1.shape[0]
     dtype = jnp.dtype(cfg.dtype)
     cap = capacity(cfg, N, ep)
-    plan = dispatch_plan(indices, weights, ep=ep, n_local=E_l, cap=cap)
+    plan = dispatch_plan(indices, weights, ep=ep, n_local=El, cap=cap)
     x_pad = jnp.concatenate([x.astype(dtype), jnp.zeros((1, D), dtype)])
-    send = x_pad[plan["slot_token"]]  # [R,C,D]
+    send = x_pad[plan["slot_token"]]  # [X,U,D]
     recv_counts = lax.all_to_all(plan["counts"], EXPERT_AXIS, 0, 0, tiled=True)
     sizes = (plan["counts"], recv_counts) if cfg.ep_transport == "ragged_all_to_all" else None
     meta = lambda a: lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)  # noqa: E731  (ids, gates: tiny)
     got = transfer(send, sizes, cfg.ep_dispatch, cfg.ep_combine, EXPERT_AXIS)
-    valid = jnp.arange(cap)[None, :] < recv_counts[:, None]  # [R,C]: padding slots carry nothing
-    ids = jnp.where(valid[..., None], meta(plan["ids"]), E_l)
+    valid = jnp.arange(cap)[None, :] < recv_counts[:, None]  # [X,U]: padding slots carry nothing
+    ids = jnp.where(valid[..., None], meta(plan["ids"]), El)
     # each slot's expert outputs summed with their gate weights on the expert side: one vector
     # per (token, shard) goes back
     y_slots = routed_experts(got.reshape(ep * cap, D), meta(plan["gates"]).reshape(ep * cap, -1),
                              ids.reshape(ep * cap, -1), w1, w2, w3, dtype=dtype, impl=impl,
                              scales=scales).reshape(ep, cap, D)
     back_sizes = None if sizes is None else (recv_counts, plan["counts"])
-    back = transfer(y_slots, back_sizes, cfg.ep_combine, cfg.ep_dispatch, EXPERT_AXIS)  # [R,C,D] f32
+    back = transfer(y_slots, back_sizes, cfg.ep_combine, cfg.ep_dispatch, EXPERT_AXIS)  # [X,U,D] f32
     y = jnp.zeros((N + 1, D), jnp.float32).at[plan["slot_token"].reshape(-1)].add(back.reshape(-1, D))[:N]
     stats = {"ep_dropped": plan["dropped"], "ep_shards": plan["reach"].astype(jnp.float32).mean()}
     return y.astype(dtype), stats

@@ -68,7 +68,7 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_lambda_switch_step: int = -1  # lambda -> mtp_lambda_late from this step on; -1: never
-    # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/parallel/pipeline.py)
+    # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/train/pipeline.py)
     pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff) or "1f1b" (manual vjp, O(stages) activations)
     pipeline_microbatches: int = 0  # per step; divides the per-device batch; 0: one per sequence of it
     overlap_microbatches: bool = False  # the MoE stacks run as two interleaved halves (§2.3.1; block.py)

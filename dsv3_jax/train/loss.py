@@ -43,9 +43,10 @@ def mtp_loss(mtp_logits, targets):
 def losses(out: ModelOutput, targets) -> dict:
     """-> {loss: main CE, mtp_loss, balance_sum: the balance losses of the MoE layers in `out`,
     summed (divide by the model's MoE layer count for the mean)}; float32 scalars."""
-    zero = jnp.zeros((), jnp.float32)
+    ce = cross_entropy(out.logits, targets)
+    zero = 0.0 * ce  # not a constant: inside a shard_map it must vary over the mesh like ce
     return {
-        "loss": cross_entropy(out.logits, targets),
+        "loss": ce,
         "mtp_loss": zero if out.mtp_logits is None else mtp_loss(out.mtp_logits, targets),
         "balance_sum": zero if out.moe is None else out.moe.balance.sum(),
     }

@@ -40,10 +40,15 @@ def split_model(model: Transformer):
     return nnx.split(model, nnx.Param, RouterBias)
 
 
-def _fresh(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    _, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(seed)))
+def new_state(params: nnx.State, biases: nnx.State, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """The state at step 0 for these weights: fresh optimizer state, step 0, the run's rng."""
     return {"params": params, "biases": biases, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def _fresh(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    _, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    return new_state(params, biases, tx, seed)
 
 
 def abstract_state(cfg: ModelConfig, optim: OptimConfig, seed: int = 0):
