@@ -47,6 +47,9 @@ from dsv3_jax.rope import apply_rope
 from pallas_kernels import dequantize_weight_128x128
 
 FORMS = ("expanded", "absorbed")
+# The latent norms' eps is fixed, not rms_norm_eps: DeepSeek's reference and transformers build them
+# with the RMSNorm default (it matters where rms_norm_eps differs, e.g. Moonlight's 1e-5).
+LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nnx.Module):
@@ -56,12 +59,12 @@ class MLA(nnx.Module):
         H = cfg.n_heads
         if cfg.q_lora_rank:
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("q_lora", "embed"), **kw)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, "q_lora", eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, "q_lora", eps=LATENT_NORM_EPS, param_dtype=cfg.param_dtype)
             self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, ("heads", "q_lora"), **kw)
         else:
             self.wq = Linear(cfg.dim, H * cfg.qk_head_dim, ("heads", "embed"), **kw)
         self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("kv_lora", "embed"), **kw)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, "kv_lora", eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, "kv_lora", eps=LATENT_NORM_EPS, param_dtype=cfg.param_dtype)
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                             ("heads", "kv_lora"), **kw)
         self.wo = Linear(H * cfg.v_head_dim, cfg.dim, ("embed", "heads"), **kw)

@@ -34,9 +34,9 @@ class MTPModule(nnx.Module):
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.enorm = RMSNorm(cfg.dim, "embed", **norm)
         self.hnorm = RMSNorm(cfg.dim, "embed", **norm)
+        # Stored in BF16 even in DeepSeek's FP8 checkpoints (no weight_scale_inv): never FP8-stored.
         self.eh_proj = Linear(2 * cfg.dim, cfg.dim, ("embed", "embed_cat"), std=cfg.init_std,
-                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                              impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, impl=cfg.linear_impl)
         self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, "embed", **norm)
 

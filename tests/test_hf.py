@@ -74,7 +74,9 @@ def test_fixtures_cover_the_required_cases():
 def test_logits_match_transformers(name, live_fixtures):
     ref = load_file(os.path.join(FIXTURES, name, "reference.safetensors"))
     live = load_file(str(live_fixtures / name / "reference.safetensors"))
-    np.testing.assert_array_equal(live["logits"], ref["logits"])  # committed fixture == live transformers
+    # committed fixture == live transformers, to float32 rounding: torch's CPU kernels differ between
+    # processors (a machine of this project reproduced the fixture to 1.9e-6, not bit for bit)
+    np.testing.assert_allclose(live["logits"], ref["logits"], rtol=0, atol=1e-5)
     model = from_pretrained(os.path.join(FIXTURES, name))
     diff = max_diff(model(jnp.asarray(ref["input_ids"])), ref["logits"])
     print(f"{name}: max |logit diff| vs transformers = {diff:.3e}")
