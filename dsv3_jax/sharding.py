@@ -9,6 +9,8 @@ the non-expert parts, as in DeepSeek's EP64.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from flax import nnx
@@ -81,6 +83,20 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     shardings = state_shardings(state, mesh)
     nnx.update(model, jax.device_put(state, shardings))
     return model
+
+
+def abstract_with(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings` (a prefix tree, e.g. one NamedSharding per
+    Variable): what `jit(...).lower` takes to compile for a layout without allocating it."""
+    def attach(sh, sub):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub)
+    return jax.tree.map(attach, shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def per_device_bytes(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(abstract_tree))
 
 
 def batch_sharding(mesh: Mesh, shape) -> NamedSharding:

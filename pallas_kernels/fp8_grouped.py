@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import cdiv, pad_to
-from pallas_kernels.fp8_matmul import _k_loop_kernel
+from pallas_kernels.fp8_matmul import _k_loop_kernel, _promoted_sum
 from pallas_kernels.fp8_quant import (FP8, TILE, dequantize_act_128x1, quantize_act_1x128,
                                       quantize_act_128x1, quantize_weight_128x128)
 
@@ -89,21 +89,17 @@ def _reference(xq, xs, wq, ws, group_sizes, out_dtype):
     (m, k), (e, n, _), nk = xq.shape, wq.shape, xs.shape[1]
     gs = group_sizes.astype(jnp.int32)
     # e4m3 -> bf16 is exact, and so are bf16 products in f32: exact per-block dots.
-    xb = pad_to(xq, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
-    wb = pad_to(wq, (e, n, nk * TILE)).astype(jnp.bfloat16).reshape(e, n, nk, TILE)
+    xp, wp = pad_to(xq, (m, nk * TILE)), pad_to(wq, (e, n, nk * TILE))
     ws_rows_all = _weight_scale_cols(ws, n)          # (E, nk, N)
     eid = _row_expert(gs, m)
 
-    def promote(acc, blk):
-        xk, wk, sx, sw = blk                          # (M,128) (E,N,128) (M,) (E,N)
-        part = lax.ragged_dot(xk, wk.transpose(0, 2, 1), gs,
-                              preferred_element_type=jnp.float32)
-        return acc + part * sx[:, None] * sw[eid], None
+    def part(kb):
+        xk = lax.dynamic_slice_in_dim(xp, kb * TILE, TILE, axis=1).astype(jnp.bfloat16)   # (M,128)
+        wk = lax.dynamic_slice_in_dim(wp, kb * TILE, TILE, axis=2).astype(jnp.bfloat16)   # (E,N,128)
+        dot = lax.ragged_dot(xk, wk.transpose(0, 2, 1), gs, preferred_element_type=jnp.float32)
+        return dot * xs[:, kb][:, None] * ws_rows_all[:, kb][eid]
 
-    acc, _ = lax.scan(promote, jnp.zeros((m, n), jnp.float32),
-                      (xb.transpose(1, 0, 2), wb.transpose(2, 0, 1, 3), xs.T,
-                       ws_rows_all.transpose(1, 0, 2)))
-    return acc.astype(out_dtype)
+    return _promoted_sum(part, nk).astype(out_dtype)
 
 
 def fp8_grouped_matmul_reference(xq, xs, wq, ws, group_sizes, out_dtype=jnp.float32):

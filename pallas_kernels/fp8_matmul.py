@@ -112,19 +112,25 @@ def _reference(x2, xs2, wq, ws, out_dtype):
     (m, k), n, nk = x2.shape, wq.shape[0], xs2.shape[1]
     # e4m3 values are exact in bf16, and bf16 x bf16 products are exact in f32,
     # so each 128-block dot is exact products + f32 sums on every backend.
-    xb = pad_to(x2, (m, nk * TILE)).astype(jnp.bfloat16).reshape(m, nk, TILE)
-    wb = pad_to(wq, (n, nk * TILE)).astype(jnp.bfloat16).reshape(n, nk, TILE)
+    xp, wp, ws_cols = pad_to(x2, (m, nk * TILE)), pad_to(wq, (n, nk * TILE)), _weight_scale_cols(ws, n)
 
-    def promote(acc, blk):
-        xk, wk, sx, sw = blk
-        part = lax.dot_general(xk, wk, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-        return acc + part * sx[:, None] * sw[None, :], None
+    def part(kb):
+        xk = lax.dynamic_slice_in_dim(xp, kb * TILE, TILE, axis=1).astype(jnp.bfloat16)
+        wk = lax.dynamic_slice_in_dim(wp, kb * TILE, TILE, axis=1).astype(jnp.bfloat16)
+        dot = lax.dot_general(xk, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return dot * xs2[:, kb][:, None] * ws_cols[kb][None, :]
 
-    acc, _ = lax.scan(promote, jnp.zeros((m, n), jnp.float32),
-                      (xb.transpose(1, 0, 2), wb.transpose(1, 0, 2), xs2.T,
-                       _weight_scale_cols(ws, n)))
-    return acc.astype(out_dtype)
+    return _promoted_sum(part, nk).astype(out_dtype)
+
+
+def _promoted_sum(part, nk: int):
+    """sum over K blocks kb of part(kb), in FP32, one block at a time (the promotion). Each block
+    is sliced and widened inside the loop, so no bf16 copy of a whole operand is ever live (the
+    dry runs compile this path for FP8-stored 671B weights). The first block starts the sum
+    rather than zeros: inside a shard_map the scan carry must vary over the same mesh axes as the
+    products (a zeros literal varies over none)."""
+    acc, _ = lax.scan(lambda acc, kb: (acc + part(kb), None), part(0), jnp.arange(1, nk))
+    return acc
 
 
 def fp8_block_matmul_reference(xq, xs, wq, ws, out_dtype=jnp.float32):

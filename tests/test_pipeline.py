@@ -10,7 +10,7 @@ from dsv3_jax.config import preset
 from dsv3_jax import sharding
 from dsv3_jax.model import Transformer
 from dsv3_jax.sharding import batch_sharding, make_mesh
-from dsv3_jax.train import layout, pipeline
+from dsv3_jax.train import pipeline
 from dsv3_jax.train.state import split_model
 
 COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -44,8 +44,8 @@ def _temp_bytes(schedule, M, mesh):
     cfg = preset("tiny", n_layers=3, n_mtp_modules=0, vocab_size=128, max_seq_len=64, moe_impl="ep",
                  ep_dispatch="fp32", ep_combine="fp32")
     graphdef, params, biases = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    params = layout.abstract(params, sharding.state_shardings(params, mesh))
-    biases = layout.abstract(biases, sharding.state_shardings(biases, mesh))
+    params = sharding.abstract_with(params, sharding.state_shardings(params, mesh))
+    biases = sharding.abstract_with(biases, sharding.state_shardings(biases, mesh))
     B, S = M * 4, 64  # one sequence per device per micro-batch (data x expert = 4)
     tok = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sharding(mesh, (B, S)))
     f = pipeline.make_loss_and_grads(graphdef, cfg, mesh, schedule=schedule, microbatches=M, alpha=1e-4)

@@ -4,6 +4,9 @@
     python infer.py --hf_checkpoint DIR --prompt "Once upon a time" --max_new_tokens 64
     python infer.py --checkpoint runs/default --prompt_file prompts.txt --temperature 0.7 --top_p 0.9
     python infer.py --hf_checkpoint DIR --prompt "Hi" --chat --speculative mtp
+    python infer.py --hf_checkpoint DIR --keep_fp8 --mesh 1,1,8 --prompt "Hi"     # experts over 8 devices
+    python infer.py --hf_checkpoint DIR --keep_fp8 --dry_run --num_cpu_devices 8 --mesh 1,1,8 \
+        --batch_size 32 --max_len 8192                        # will it fit? compile only, from config.json
 
 Generated text streams to stdout (one prompt), or is printed per prompt as each finishes (a
 prompt file: one prompt per non-blank line). Throughput, and the MTP acceptance rate with
@@ -15,12 +18,16 @@ ends with a one-line message on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
+import jax
 import jax.numpy as jnp
 
 from dsv3_jax.errors import ConfigError, MissingFileError, UserError
-from dsv3_jax.hf import from_pretrained
+from dsv3_jax.hf import from_pretrained, pretrained_config
+from dsv3_jax.infer import dryrun
 from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.load import load_for_inference
 from dsv3_jax.infer.sampling import SamplingConfig
@@ -34,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", metavar="WORKDIR", help="a training run's workdir")
     src.add_argument("--hf_checkpoint", metavar="DIR", help="an HF-format directory (config.json, "
                      "safetensors, tokenizer.json)")
-    text = p.add_mutually_exclusive_group(required=True)
+    text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="the prompt text")
     text.add_argument("--prompt_file", metavar="FILE", help="one prompt per non-blank line")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -45,16 +52,90 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=0, help="sequences decoded together (0: all prompts)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to raw prompts")
+    p.add_argument("--chat_template_kwargs", metavar="JSON", default=None,
+                   help="extra chat-template arguments, e.g. '{\"thinking\": true}' (DeepSeek V3.1)")
+    p.add_argument("--no_bos", action="store_true",
+                   help="do not prepend BOS to raw prompts (default: as the tokenizer's add_bos_token says)")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    return p.parse_args(argv)
+    p.add_argument("--max_len", type=int, default=None,
+                   help="cache slots per sequence (default: the longest prompt + max_new_tokens, rounded up)")
+    weights = p.add_argument_group("weights and devices (--hf_checkpoint)")
+    weights.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                         help="parameter and compute dtype (default: the checkpoint's torch_dtype)")
+    weights.add_argument("--keep_fp8", action="store_true",
+                         help="keep FP8 weights in e4m3 with their block scales (block-scaled FP8 matmuls)")
+    weights.add_argument("--mesh", metavar="D,P,E", default=None,
+                         help="data,pipeline,expert mesh (default: all devices, experts over as many as divide)")
+    weights.add_argument("--num_cpu_devices", type=int, default=None, help="fake CPU devices (dry runs, tests)")
+    weights.add_argument("--dry_run", action="store_true",
+                         help="from config.json alone: compile prefill and the decode step for --batch_size x "
+                              "--max_len on the mesh and print the memory per device; reads no tensor")
+    args = p.parse_args(argv)
+    if not args.dry_run and args.prompt is None and args.prompt_file is None:
+        p.error("one of the arguments --prompt --prompt_file is required (or --dry_run)")
+    return args
+
+
+# ---- devices and mesh ---------------------------------------------------------------------------
+def setup_devices(args) -> None:
+    """Fake CPU devices must be requested before JAX starts its backend."""
+    if args.num_cpu_devices is not None:
+        if args.num_cpu_devices < 1:
+            raise ConfigError(f"--num_cpu_devices {args.num_cpu_devices}: expected >= 1")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.num_cpu_devices}")
+
+
+def make_mesh(spec: str | None, n_routed_experts: int):
+    """--mesh D,P,E, or all devices with experts over the largest device count that divides them."""
+    from dsv3_jax.sharding import make_mesh as mesh_of
+
+    n = jax.device_count()
+    if spec is None:
+        expert = max(e for e in range(1, n + 1) if n % e == 0 and n_routed_experts % max(e, 1) == 0)
+        return mesh_of(n // expert, 1, expert)
+    try:
+        data, pipeline, expert = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--mesh {spec!r}: expected three integers data,pipeline,expert, e.g. 1,1,8") from None
+    if min(data, pipeline, expert) < 1:
+        raise ConfigError(f"--mesh {spec!r}: every degree must be >= 1")
+    if n_routed_experts % expert:
+        raise ConfigError(f"--mesh {spec!r}: expert={expert} must divide the model's {n_routed_experts} routed "
+                          "experts")
+    return mesh_of(data, pipeline, expert)
+
+
+def mesh_config(cfg, mesh):
+    """Expert-sharded weights decode with expert parallelism (tokens travel, weights stay)."""
+    return cfg.replace(moe_impl="ep") if mesh.shape["expert"] > 1 else cfg
+
 
 
 # ---- model and tokenizer ------------------------------------------------------------------------
 def load(args):
+    """-> (model, tokenizer, mesh or None)."""
     if args.hf_checkpoint:
-        return from_pretrained(args.hf_checkpoint), load_tokenizer(args.hf_checkpoint)
-    return load_for_inference(args.checkpoint)
+        cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype)
+        mesh = make_mesh(args.mesh, cfg.n_routed_experts) if (args.mesh or jax.device_count() > 1) else None
+        overrides = {} if mesh is None else {"moe_impl": mesh_config(cfg, mesh).moe_impl}
+        model = from_pretrained(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8, mesh=mesh,
+                                **overrides)
+        return model, load_tokenizer(args.hf_checkpoint), mesh
+    for flag in ("dtype", "mesh"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag} applies to --hf_checkpoint; a training workdir keeps its own")
+    return (*load_for_inference(args.checkpoint), None)
+
+
+def dry_run(args) -> None:
+    if not args.hf_checkpoint:
+        raise ConfigError("--dry_run reads an HF directory's config.json: give --hf_checkpoint")
+    cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8)
+    mesh = make_mesh(args.mesh, cfg.n_routed_experts)
+    run = dryrun.DryRun(batch=args.batch_size or 1, max_len=args.max_len or cfg.max_seq_len,
+                        n_draft=cfg.n_mtp_modules if args.speculative == "mtp" else 0, cache_dtype=args.cache_dtype)
+    print(dryrun.format_report(dryrun.report(mesh_config(cfg, mesh), mesh, run)))
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -71,16 +152,26 @@ def read_prompts(args, tok) -> tuple[list[str], list[list[int]]]:
             raise ConfigError(f"--prompt_file {args.prompt_file}: no prompts (every line is blank)")
     if any(not t.strip() for t in texts):
         raise ConfigError("empty prompt: give some text to continue")
+    if args.chat and tok.chat_template is not None:  # the template writes its own BOS
+        ids = tok.apply_chat_template([[{"role": "user", "content": t}] for t in texts], add_generation_prompt=True,
+                                      tokenize=True, **template_kwargs(args))
+        return texts, ids
     if args.chat:
-        if tok.chat_template is None:
-            print("infer.py: note: the tokenizer has no chat template; using the raw prompt", file=sys.stderr)
-        else:
-            texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
-                     for t in texts]
-    ids = [tok.encode(t) for t in texts]
-    if args.bos and not args.chat and tok.bos_id is not None:
-        ids = [[tok.bos_id] + x for x in ids]
-    return texts, ids
+        print("infer.py: note: the tokenizer has no chat template; using the raw prompt", file=sys.stderr)
+    return texts, [tok.encode(t, add_bos=False if args.no_bos else None) for t in texts]
+
+
+def template_kwargs(args) -> dict:
+    """--chat_template_kwargs '{"thinking": true}' -> the template's extra arguments."""
+    if args.chat_template_kwargs is None:
+        return {}
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--chat_template_kwargs {args.chat_template_kwargs!r}: not JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--chat_template_kwargs {args.chat_template_kwargs!r}: expected a JSON object")
+    return kwargs
 
 
 # ---- generation with streaming ------------------------------------------------------------------
@@ -122,7 +213,7 @@ class Printer:
 def run(args) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
-    model, tok = load(args)
+    model, tok, mesh = load(args)
     cfg = model.cfg
     _, prompts = read_prompts(args, tok)
     n_draft = 0
@@ -132,11 +223,13 @@ def run(args) -> None:
         n_draft = cfg.n_mtp_modules
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype))
+    if mesh is not None:
+        jax.set_mesh(mesh)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
+    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), prefill_mesh=mesh, decode_mesh=mesh)
     printer = Printer(tok, len(prompts), args.max_new_tokens, tok.eos_id)
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                              eos_id=tok.eos_id, speculative=n_draft, batch_size=args.batch_size or None,
-                             on_tokens=printer)
+                             max_len=args.max_len, on_tokens=printer)
     printer.finish(result.tokens)
 
     # ---- report ---------------------------------------------------------------------------------
@@ -154,7 +247,8 @@ def main(argv=None) -> int:
     """The project's own errors are one line on stderr and exit 1; anything else keeps its traceback."""
     args = parse_args(argv)
     try:
-        run(args)
+        setup_devices(args)
+        dry_run(args) if args.dry_run else run(args)
     except UserError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 1

@@ -19,25 +19,17 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.sharding import batch_sharding
+from dsv3_jax.sharding import abstract_with, batch_sharding, per_device_bytes
 from dsv3_jax.train import hlo, layout, pipeline
 from dsv3_jax.train.config import OptimConfig, TrainConfig
 from dsv3_jax.train.state import abstract_state
-
-
-def per_device_bytes(abstract_tree) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    total = 0
-    for x in jax.tree.leaves(abstract_tree):
-        total += math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-    return total
 
 
 def compile_step(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compiler_options=None):
     """-> (compiled step, abstract state with shardings). Allocates nothing of the model's size."""
     graphdef, tx, state = abstract_state(model, optim, run.seed)
     sh = layout.state_shardings(state, mesh, model)
-    state = layout.abstract(state, sh)
+    state = abstract_with(state, sh)
     in_sh = batch_sharding(mesh, (run.batch_size, run.seq_len))
     tok = jax.ShapeDtypeStruct((run.batch_size, run.seq_len), jnp.int32, sharding=in_sh)
     step = jax.jit(layout.make_step(graphdef, tx, run, model, mesh), donate_argnums=0,

@@ -11,7 +11,6 @@ step and rng are replicated.
 
 from __future__ import annotations
 
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax import sharding
@@ -74,10 +73,3 @@ def make_step(graphdef, tx, run: TrainConfig, cfg: ModelConfig, mesh: Mesh):
     if pipelined(mesh, cfg):
         return pipeline.make_pipeline_train_step(graphdef, tx, run, cfg, mesh)
     return make_train_step(graphdef, tx, run, cfg.n_moe_layers)
-
-
-def abstract(tree, shardings):
-    """ShapeDtypeStructs carrying `shardings` (a prefix tree, e.g. one NamedSharding per Variable)."""
-    def attach(sh, sub):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub)
-    return jax.tree.map(attach, shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
