@@ -8,7 +8,15 @@ MLA uses the seam in two forms (`mla.py`): expanded, with per-head keys and valu
 Dk = 192 and Dv = 128 at V3 size), and absorbed, where every head attends to the one cached
 latent (Hk = 1, Dk = 576, Dv = 512). The core stays in high precision (V3 report §3.3: attention
 is not an FP8 GEMM): scores and the softmax run in float32. `impl="reference"` is the plain jnp
-path every kernel is checked against.
+path every kernel is checked against; it materializes the [B,H,S,T] scores.
+
+The other impls (`flash_attention.py`) never hold [S,T] per head and equal the reference in value
+and gradient, a row that sees no key included:
+
+  blockwise  pure JAX, online softmax with a recomputing backward; runs everywhere (CPU CI)
+  splash     TPU: jax's Pallas splash kernel (interpret mode elsewhere)
+  tokamax    GPU: tokamax's Mosaic GPU kernel (the optional `gpu` extra)
+  cudnn      GPU: cuDNN flash attention via jax.nn.dot_product_attention (Dk <= 256)
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import flash_attention
 from dsv3_jax.errors import ConfigError
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
-IMPLS = ("reference",)
 
 
 def causal_mask(q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
@@ -30,8 +38,14 @@ def causal_mask(q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
               impl: str = "reference") -> jax.Array:
     """q [B,S,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv], mask [B,S,T] -> [B,S,H,Dv] in q's dtype."""
-    if impl not in IMPLS:
+    if impl not in _IMPLS:
         raise ConfigError(f"attention impl={impl!r}: expected one of {IMPLS}")
+    return _IMPLS[impl](q, k, v, mask, scale=scale)
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                        scale: float) -> jax.Array:
+    """The plain jnp attention, scores [B,H,S,T] and all; shapes as `attention`."""
     shared = k.shape[2] == 1 and q.shape[2] > 1  # one key/value head for all heads: no broadcast copy
     qk = "bshk,btk->bhst" if shared else "bshk,bthk->bhst"
     pv = "bhst,btd->bshd" if shared else "bhst,bthd->bshd"
@@ -42,3 +56,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scal
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(pv, probs, v.astype(jnp.float32))
     return out.astype(q.dtype)
+
+
+_IMPLS = {
+    "reference": reference_attention,
+    "blockwise": flash_attention.blockwise_attention,
+    "splash": flash_attention.splash_attention,
+    "tokamax": flash_attention.tokamax_attention,
+    "cudnn": flash_attention.cudnn_attention,
+}
+IMPLS = tuple(_IMPLS)  # the names ModelConfig.attn_impl accepts

@@ -85,6 +85,8 @@ class ModelConfig:
     # reference on CPU), or "reference" / "pallas" / "mosaic_gpu" by name (grouped MoE GEMMs: the
     # Pallas kernel on TPU, else the reference)
     fp8_kernel: str = "auto"
+    # the attention core (attention.py): "reference" (materializes [S,T] scores per head), "blockwise"
+    # (pure-JAX flash, any backend), "splash" (TPU), "tokamax" / "cudnn" (GPU)
     attn_impl: str = "reference"
 
     def __post_init__(self):
@@ -144,8 +146,8 @@ class ModelConfig:
             bad("ep_transport", "expected 'all_to_all' or 'ragged_all_to_all'")
         if self.fp8_kernel not in ("auto", "reference", "pallas", "mosaic_gpu"):
             bad("fp8_kernel", "expected 'auto', 'reference', 'pallas' or 'mosaic_gpu'")
-        if self.attn_impl not in ("reference",):
-            bad("attn_impl", "expected 'reference'")
+        if self.attn_impl not in ("reference", "blockwise", "splash", "tokamax", "cudnn"):
+            bad("attn_impl", "expected 'reference', 'blockwise', 'splash', 'tokamax' or 'cudnn'")
 
     # ---- derived values --------------------------------------------------------------------
     @property
