@@ -64,6 +64,12 @@ def test_fixtures_cover_the_required_cases():
     assert any((c.get("rope_parameters") or {}).get("rope_type") == "yarn" for c in cfgs.values())
     assert any(c.get("q_lora_rank") is None for c in cfgs.values())  # V2-Lite: no query compression
     assert any(c["first_k_dense_replace"] >= 2 for c in cfgs.values())
+    # Moonlight-like: no query compression, one group, rms_norm_eps 1e-5 (latent norms stay 1e-6)
+    assert any(c["model_type"] == "deepseek_v3" and c.get("q_lora_rank") is None and c["n_group"] == 1
+               and c["rms_norm_eps"] == 1e-5 for c in cfgs.values())
+    # Kimi-like: one group, many experts, YaRN factor 32 with beta_fast = beta_slow = 1
+    assert any(c["n_group"] == 1 and c["n_routed_experts"] >= 32 and (c.get("rope_parameters") or {}).get("factor") == 32
+               and c["rope_parameters"]["beta_fast"] == c["rope_parameters"]["beta_slow"] == 1 for c in cfgs.values())
     biases = [load_file(os.path.join(FIXTURES, n, "model.safetensors")) for n in NAMES
               if cfgs[n]["model_type"] == "deepseek_v3"]
     b = np.concatenate([v for t in biases for k, v in t.items() if k.endswith("e_score_correction_bias")])

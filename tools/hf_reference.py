@@ -212,6 +212,57 @@ CONFIGS: dict[str, dict] = {
             scoring_func="softmax",
         ),
     ),
+    # Moonlight (Moonshot's 16B DeepSeek-V3-architecture model): no query compression, one
+    # expert group, rms_norm_eps 1e-5 (the latent norms keep 1e-6 in every implementation).
+    "moonlight_like": dict(
+        family="v3",
+        seq_len=12,
+        config=dict(
+            _ATTN,
+            rms_norm_eps=1e-5,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            n_routed_experts=16,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            q_lora_rank=None,
+            intermediate_size=32,
+            moe_intermediate_size=4,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.446,
+            max_position_embeddings=64,
+            rope_parameters=dict(rope_type="default", rope_theta=50000.0),
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+        ),
+    ),
+    # Kimi-K2 (DeepSeek-V3 architecture, 384 experts): one expert group, many experts, YaRN with
+    # factor 32 and beta_fast = beta_slow = 1.
+    "kimi_like": dict(
+        family="v3",
+        seq_len=20,
+        config=dict(
+            _ATTN,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            n_routed_experts=48,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=8,
+            n_shared_experts=1,
+            q_lora_rank=32,
+            intermediate_size=32,
+            moe_intermediate_size=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.827,
+            max_position_embeddings=256,  # = factor * original_max_position_embeddings
+            rope_parameters=dict(_YARN_V3, factor=32.0, beta_fast=1.0, beta_slow=1.0),
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+        ),
+    ),
 }
 
 FAMILIES = {
