@@ -247,6 +247,11 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         out["score_func"] = "softmax" if model_type == "deepseek_v2" else "sigmoid"
     if "n_mtp_modules" not in out:
         out["n_mtp_modules"] = 0
+    # The stored dtype (transformers 5 writes `dtype`, older files `torch_dtype`); no key: float32.
+    stored = hf.get("dtype", hf.get("torch_dtype")) or "float32"
+    if stored not in DTYPES:
+        raise ConfigError(f"config.json torch_dtype={stored!r}: expected one of {DTYPES}")
+    out["dtype"] = out["param_dtype"] = stored
     # transformers 5 folds theta and scaling into `rope_parameters`; older files use rope_scaling.
     rope = dict(hf.get("rope_parameters") or {})
     rope.update(hf.get("rope_scaling") or {})
@@ -277,9 +282,7 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         tie_word_embeddings=False,
         num_key_value_heads=cfg.n_heads,
         rope_theta=cfg.rope_theta,
-        torch_dtype="bfloat16" if cfg.param_dtype == "bfloat16" else "float32",
-        bos_token_id=0,
-        eos_token_id=1,
+        torch_dtype=cfg.param_dtype,
     )
     if v2:
         hf["topk_method"] = "greedy" if cfg.n_expert_groups == 1 else "group_limited_greedy"
