@@ -20,7 +20,7 @@ Backward: storing the probabilities would bring back the [S,T] memory the forwar
 tile's scores are recomputed from q and k, and lse gives the probabilities in one step,
 p = exp(s - lse). With dp = dO v^T and delta = rowsum(dO * O) (which equals sum_t p_t dp_t), the
 score gradient is ds = p (dp - delta); then dq += ds k, dk += ds^T q, dv += p^T dO, tile by tile.
-Residuals: q, k, v, the mask, O and lse, all O(S) per head.
+Residuals: q, k, v, O and lse, O(S) per head, and the caller's [B,S,T] mask, which no head copies.
 
 Tiles in which the mask hides every key from every query of every batch row are skipped, forward
 and backward (a `lax.cond` on a [S/bq, T/bk] table computed once from the mask): about half of the
@@ -79,10 +79,11 @@ class FlashTuning:
 
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> None:
     """q [B,S,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv] with Hk = H or 1, mask [B,S,T] bool; else ValueError."""
-    B, S, H, Dk = q.shape
-    T, Hk = k.shape[1], k.shape[2]
-    ok = (k.ndim == 4 and k.shape[0] == B and k.shape[3] == Dk and Hk in (H, 1) and v.ndim == 4
-          and v.shape[:3] == k.shape[:3] and mask.shape == (B, S, T) and mask.dtype == jnp.bool_)
+    ok = q.ndim == k.ndim == v.ndim == 4
+    if ok:
+        (B, S, H, Dk), (T, Hk) = q.shape, k.shape[1:3]
+        ok = (k.shape[0] == B and k.shape[3] == Dk and Hk in (H, 1) and v.shape[:3] == k.shape[:3]
+              and mask.shape == (B, S, T) and mask.dtype == jnp.bool_)
     if not ok:
         raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} and mask {mask.shape} "
                          f"{mask.dtype} do not fit q [B,S,H,Dk], k [B,T,Hk,Dk], v [B,T,Hk,Dv] "
@@ -264,10 +265,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
         kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
         return kernel(q, k, v)
 
-    heads_first = lambda x: jnp.swapaxes(_pad(x, 1, Tp), 1, 2)  # noqa: E731  [B,T,Hk,D] -> [B,Hk,Tp,D]
-    kh, vh = heads_first(k), heads_first(v)
+    kh, vh = (jnp.swapaxes(_pad(x, 1, Tp), 1, 2) for x in (k, v))  # [B,Hk,Tp,D], the kernel's layout
     if shared:
-        kh, vh = kh[:, 0], vh[:, 0]
+        kh, vh = kh[:, 0], vh[:, 0]  # [B,Tp,D]: its MQA form
     qh = jnp.swapaxes(_pad((q.astype(F32) * scale).astype(q.dtype), 1, Sp), 1, 2)  # the kernel does not scale
     out = jax.vmap(one_row)(qh, kh, vh, _kernel_mask(_pad(_pad(mask, 1, Sp), 2, Tp)))  # [B,H,Sp,Dv]
     return _fill_empty_rows(jnp.swapaxes(out, 1, 2)[:, :S], mask, v)
