@@ -55,7 +55,7 @@ class Block(nnx.Module):
         else:
             self.ffn = MLP(cfg.dim, cfg.inter_dim, std=cfg.init_std, dtype=cfg.dtype,
                            param_dtype=cfg.param_dtype, rngs=rngs, impl=cfg.linear_impl,
-                           fp8_weights=cfg.fp8_weights)
+                           fp8_weights=cfg.fp8_weights, pow2_act_scale=cfg.fp8_act_scale == "ue8m0")
         self.moe = moe
 
     def __call__(self, x: jax.Array, ctx: Context, cache: LatentCache | None = None, layer=0, *,

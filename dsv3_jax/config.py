@@ -81,6 +81,8 @@ class ModelConfig:
     # Embedding, head, gate, norms and the attention core stay in higher precision either way.
     fp8: bool = False
     fp8_weights: bool = False
+    # with fp8_weights, how activations are scaled: "float", or "ue8m0" (powers of two: V3.1's scale_fmt)
+    fp8_act_scale: str = "float"
     # which block-scaled GEMM runs them: "auto" (Mosaic GPU kernel on GPU, Pallas on TPU, the jnp
     # reference on CPU), or "reference" / "pallas" / "mosaic_gpu" by name (grouped MoE GEMMs: the
     # Pallas kernel on TPU, else the reference)
@@ -144,6 +146,8 @@ class ModelConfig:
             bad("ep_capacity_factor", "expected >= 0 (0: worst-case capacity, nothing dropped)")
         if self.ep_transport not in ("all_to_all", "ragged_all_to_all"):
             bad("ep_transport", "expected 'all_to_all' or 'ragged_all_to_all'")
+        if self.fp8_act_scale not in ("float", "ue8m0"):
+            bad("fp8_act_scale", "expected 'float' or 'ue8m0'")
         if self.fp8_kernel not in ("auto", "reference", "pallas", "mosaic_gpu"):
             bad("fp8_kernel", "expected 'auto', 'reference', 'pallas' or 'mosaic_gpu'")
         if self.attn_impl not in ("reference", "blockwise", "splash", "tokamax", "cudnn"):

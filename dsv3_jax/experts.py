@@ -47,15 +47,15 @@ class Experts(nnx.Module):
         return tuple(getattr(self, n + "_scale_inv")[...] for n in ("w1", "w2", "w3"))
 
 
-def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=None):
+def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=None, pow2_scale: bool = False):
     """Expert-sorted rows a [N, in] times their expert's w [E, out, in] -> [N, out].
 
     The MoE twin of layers.linear: "default" is lax.ragged_dot in `dtype`; "fp8" the FP8 training
     GEMMs; "tiled" the tile-padded batched GEMM; a `scale` [E, out/128, in/128] means w is stored in
-    e4m3 (FP8 inference). Rows past sum(group_sizes) belong to no expert and come out as zeros.
+    e4m3 (FP8 inference; `pow2_scale`: power-of-two activation scales). Rows past sum(group_sizes) belong to no expert and come out as zeros.
     """
     if scale is not None:
-        aq, as_ = quantize_act_1x128(a.astype(dtype))
+        aq, as_ = quantize_act_1x128(a.astype(dtype), pow2_scale=pow2_scale)
         return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
     if impl.startswith("fp8"):  # no grouped Mosaic GPU kernel yet: "mosaic_gpu" means "auto" here
         kernel = fp8_kernel(impl)
@@ -92,7 +92,8 @@ def tiled_grouped_matmul(a, w, group_sizes, tile: int = 64):
     return y.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
-def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3):
+def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3,
+                   pow2_scale: bool = False):
     """Dropless SwiGLU experts. x [N,D], gates [N,K] f32, ids [N,K] expert of each slot (E: the
     slot is empty), w1/w3 [E,F,D], w2 [E,D,F] -> sum_k gates[:,k] * expert_{ids[:,k]}(x) [N,D] f32.
 
@@ -105,7 +106,7 @@ def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", s
     group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
 
     def mm(a, w, s):
-        return grouped_matmul(a, w, group_sizes, dtype=dtype, impl=impl, scale=s)
+        return grouped_matmul(a, w, group_sizes, dtype=dtype, impl=impl, scale=s, pow2_scale=pow2_scale)
 
     xs = x[order // K]
     h = jax.nn.silu(mm(xs, w1, scales[0])) * mm(xs, w3, scales[2])

@@ -105,7 +105,8 @@ def pretrained_config(path: str, *, dtype: str | None = None, keep_fp8: bool = F
     dtype None follows the checkpoint's `torch_dtype` (bfloat16 for every released DeepSeek
     checkpoint); keep_fp8 keeps the projections in e4m3 with their 128x128 scales, which needs
     FP8 weights: `fp8_in_files` when the caller has looked at the tensors, else config.json's
-    `quantization_config`. n_mtp_modules: how many of the checkpoint's MTP modules to load.
+    `quantization_config`, whose `scale_fmt: "ue8m0"` (DeepSeek V3.1) makes the activation scales
+    powers of two, as the model was trained. n_mtp_modules: how many MTP modules to load.
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
@@ -124,7 +125,7 @@ def pretrained_config(path: str, *, dtype: str | None = None, keep_fp8: bool = F
         if list(quant.get("weight_block_size", [128, 128])) != [128, 128]:
             raise CheckpointError(f"{cfg_file}: quantization_config.weight_block_size="
                                   f"{quant['weight_block_size']}: only 128x128 blocks are supported")
-        cfg = cfg.replace(fp8_weights=True)
+        cfg = cfg.replace(fp8_weights=True, fp8_act_scale="ue8m0" if quant.get("scale_fmt") == "ue8m0" else "float")
     if n_mtp_modules is not None:
         if not 0 <= n_mtp_modules <= cfg.n_mtp_modules:
             raise ConfigError(f"n_mtp_modules={n_mtp_modules}: the checkpoint has {cfg.n_mtp_modules} MTP "
@@ -352,6 +353,8 @@ def hf_config(model: Transformer) -> dict:
     if model.cfg.fp8_weights:
         hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": [128, 128]}
+        if model.cfg.fp8_act_scale == "ue8m0":
+            hf["quantization_config"]["scale_fmt"] = "ue8m0"
     return hf
 
 

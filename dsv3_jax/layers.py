@@ -36,7 +36,8 @@ def fp8_kernel(impl: str) -> str:
     return impl.partition(":")[2] or "auto"
 
 
-def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", scale=None) -> jax.Array:
+def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", scale=None,
+           pow2_scale: bool = False) -> jax.Array:
     """y = x @ weight.T with weight (N, K). The one seam through which every projection goes.
 
     impl "default": a plain matmul in `dtype`. impl "fp8" (or "fp8:<kernel>" to name the GEMM
@@ -45,7 +46,7 @@ def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", sca
     matmul, activations quantized on the fly (FP8 inference).
     """
     if scale is not None:
-        xq, xs = quantize_act_1x128(x.astype(dtype))
+        xq, xs = quantize_act_1x128(x.astype(dtype), pow2_scale=pow2_scale)
         return fp8_block_matmul(xq, xs, weight, scale, out_dtype=jnp.float32).astype(dtype)
     if impl.startswith("fp8"):
         return fp8_linear(x.astype(dtype), weight.astype(dtype), fp8_kernel(impl))
@@ -66,7 +67,7 @@ def fp8_weight(shape, axes: tuple[str, ...]) -> tuple[nnx.Param, Fp8Scale]:
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, std: float,
                  dtype: str, param_dtype: str, rngs: nnx.Rngs, impl: str = "default",
-                 fp8_weights: bool = False):
+                 fp8_weights: bool = False, pow2_act_scale: bool = False):
         if fp8_weights:
             self.weight, self.weight_scale_inv = fp8_weight((out_features, in_features), axes)
         else:
@@ -74,10 +75,12 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.impl = impl
         self.fp8_weights = fp8_weights
+        self.pow2_act_scale = pow2_act_scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.weight_scale_inv[...] if self.fp8_weights else None
-        return linear(x, self.weight[...], dtype=self.dtype, impl=self.impl, scale=scale)
+        return linear(x, self.weight[...], dtype=self.dtype, impl=self.impl, scale=scale,
+                      pow2_scale=self.pow2_act_scale)
 
 
 class RMSNorm(nnx.Module):
@@ -107,8 +110,9 @@ class MLP(nnx.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). The dense layers and the shared experts."""
 
     def __init__(self, dim: int, hidden: int, *, std: float, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs, impl: str = "default", fp8_weights: bool = False):
-        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl, fp8_weights=fp8_weights)
+                 rngs: nnx.Rngs, impl: str = "default", fp8_weights: bool = False, pow2_act_scale: bool = False):
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl, fp8_weights=fp8_weights,
+                  pow2_act_scale=pow2_act_scale)
         self.w1 = Linear(dim, hidden, ("mlp", "embed"), **kw)
         self.w2 = Linear(hidden, dim, ("embed", "mlp"), **kw)
         self.w3 = Linear(dim, hidden, ("mlp", "embed"), **kw)

@@ -55,7 +55,7 @@ LATENT_NORM_EPS = 1e-6
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         kw = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                  impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
+                  impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights, pow2_act_scale=cfg.fp8_act_scale == "ue8m0")
         H = cfg.n_heads
         if cfg.q_lora_rank:
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, ("q_lora", "embed"), **kw)

@@ -132,7 +132,8 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, std=cfg.init_std,
                                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                                      impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights)
+                                      impl=cfg.linear_impl, fp8_weights=cfg.fp8_weights,
+                                      pow2_act_scale=cfg.fp8_act_scale == "ue8m0")
         self.cfg = cfg
 
     def routed(self, x, weights, indices) -> tuple[jax.Array, dict]:
@@ -146,7 +147,8 @@ class MoE(nnx.Module):
         if cfg.moe_impl == "ep":  # expert parallel over the ambient mesh
             return moe_ep(x, weights, indices, *e.weights(), cfg=cfg, impl=cfg.linear_impl, scales=e.scales())
         impl = "tiled" if cfg.moe_impl == "tiled" and not cfg.fp8 else cfg.linear_impl
-        y = routed_experts(x, weights, indices, *e.weights(), dtype=dtype, impl=impl, scales=e.scales())
+        y = routed_experts(x, weights, indices, *e.weights(), dtype=dtype, impl=impl, scales=e.scales(),
+                           pow2_scale=cfg.fp8_act_scale == "ue8m0")
         return y.astype(dtype), {}
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEStats]:

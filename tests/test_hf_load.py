@@ -83,6 +83,23 @@ def test_onto_a_mesh_the_experts_split_and_nothing_changes(released):
         assert same(a, b), k
 
 
+def test_ue8m0_scale_format_gives_power_of_two_activation_scales(released, tmp_path):
+    """V3.1's quantization_config.scale_fmt = "ue8m0": activations are quantized with power-of-two
+    scales, as it was trained: the logits change (coarser scales) but stay close to the float-scale
+    ones, and the format survives a save."""
+    path = str(tmp_path / "v31")
+    shutil.copytree(released, path)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    pow2, plain = from_pretrained(path, keep_fp8=True), from_pretrained(released, keep_fp8=True)
+    assert pow2.cfg.fp8_act_scale == "ue8m0" and plain.cfg.fp8_act_scale == "float"
+    a, b = np.asarray(pow2(TOKENS), np.float32), np.asarray(plain(TOKENS), np.float32)
+    assert np.abs(a - b).max() > 0 and (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) > 0.95
+    save_pretrained(pow2, str(tmp_path / "saved"))
+    assert json.load(open(tmp_path / "saved" / "config.json"))["quantization_config"]["scale_fmt"] == "ue8m0"
+
+
 def test_mtp_modules_are_skipped_or_kept(released):
     none = from_pretrained(released, n_mtp_modules=0, dtype="float32")
     assert none.cfg.n_mtp_modules == 0 and len(none.mtp) == 0

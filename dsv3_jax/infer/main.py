@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     weights.add_argument("--mesh", metavar="D,P,E", default=None,
                          help="data,pipeline,expert mesh (default: all devices, experts over as many as divide)")
     weights.add_argument("--num_cpu_devices", type=int, default=None, help="fake CPU devices (dry runs, tests)")
+    weights.add_argument("--attn_impl", default=None,
+                         help="attention kernel (ModelConfig.attn_impl: reference, blockwise, splash, tokamax, "
+                              "cudnn); default: the checkpoint config's")
     weights.add_argument("--dry_run", action="store_true",
                          help="from config.json alone: compile prefill and the decode step for --batch_size x "
                               "--max_len on the mesh and print the memory per device; reads no tensor")
@@ -119,6 +122,8 @@ def load(args):
         cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype)
         mesh = make_mesh(args.mesh, cfg.n_routed_experts) if (args.mesh or jax.device_count() > 1) else None
         overrides = {} if mesh is None else {"moe_impl": mesh_config(cfg, mesh).moe_impl}
+        if args.attn_impl:
+            overrides["attn_impl"] = args.attn_impl
         model = from_pretrained(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8, mesh=mesh,
                                 **overrides)
         return model, load_tokenizer(args.hf_checkpoint), mesh
@@ -131,7 +136,8 @@ def load(args):
 def dry_run(args) -> None:
     if not args.hf_checkpoint:
         raise ConfigError("--dry_run reads an HF directory's config.json: give --hf_checkpoint")
-    cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8)
+    overrides = {"attn_impl": args.attn_impl} if args.attn_impl else {}
+    cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8, **overrides)
     mesh = make_mesh(args.mesh, cfg.n_routed_experts)
     run = dryrun.DryRun(batch=args.batch_size or 1, max_len=args.max_len or cfg.max_seq_len,
                         n_draft=cfg.n_mtp_modules if args.speculative == "mtp" else 0, cache_dtype=args.cache_dtype)

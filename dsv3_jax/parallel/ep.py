@@ -172,8 +172,8 @@ def moe_ep_local(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str
     # each slot's expert outputs summed with their gate weights on the expert side: one vector
     # per (token, shard) goes back
     y_slots = routed_experts(got.reshape(ep * cap, D), meta(plan["gates"]).reshape(ep * cap, -1),
-                             ids.reshape(ep * cap, -1), w1, w2, w3, dtype=dtype, impl=impl,
-                             scales=scales).reshape(ep, cap, D)
+                             ids.reshape(ep * cap, -1), w1, w2, w3, dtype=dtype, impl=impl, scales=scales,
+                             pow2_scale=cfg.fp8_act_scale == "ue8m0").reshape(ep, cap, D)
     back_sizes = None if sizes is None else (recv_counts, plan["counts"])
     back = transfer(y_slots, back_sizes, cfg.ep_combine, cfg.ep_dispatch, EXPERT_AXIS)  # [X,U,D] f32
     y = jnp.zeros((N + 1, D), jnp.float32).at[plan["slot_token"].reshape(-1)].add(back.reshape(-1, D))[:N]
