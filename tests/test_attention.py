@@ -176,8 +176,9 @@ def test_model_loss_and_gradients_with_blockwise_attention_equal_the_reference()
 
 
 def test_cached_prefill_with_blockwise_attention_equals_the_reference():
-    """Prefill of 150 tokens into a 192-slot cache (the slots past each position hidden, two key
-    tiles skipped): same hidden states and cache as the reference attention."""
+    """Prefill of 150 tokens into a 192-slot cache (the slots past each position hidden; of the 2 x 2
+    tiles, the first 128 queries' second key tile skipped): same hidden states and cache as the
+    reference attention."""
     tokens = jax.random.randint(jax.random.key(2), (2, 150), 0, CFG.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(150), (2, 150))
     prefill = nnx.jit(lambda m, t, p, c: m.forward_cached(t, p, c, form="expanded"))
