@@ -140,6 +140,25 @@ def test_save_pretrained_keeps_token_ids_and_copies_tokenizer_files(tmp_path):
         assert os.path.exists(os.path.join(out, name)), name
 
 
+def test_released_layout_float32_against_transformers(released, tmp_path):
+    """The float32 path of a released-layout checkpoint against transformers, which reads our
+    dequantized save of it (transformers' own FP8 path needs a GPU)."""
+    from safetensors.numpy import save_file
+    model = from_pretrained(released, dtype="float32")
+    out = str(tmp_path / "f32")
+    save_pretrained(model, out)
+    hf_python = os.path.join(ROOT, ".venv-hf", "bin", "python")
+    if not os.path.exists(hf_python):
+        pytest.fail(f"{hf_python} is missing: run `make hfvenv` (make test does it)")
+    save_file({"input_ids": np.asarray(TOKENS)}, str(tmp_path / "ids.safetensors"))
+    proc = subprocess.run([hf_python, os.path.join(ROOT, "tools", "hf_reference.py"), "logits", "--model", out,
+                           "--input_ids", str(tmp_path / "ids.safetensors"), "--out", str(tmp_path / "hf.safetensors")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "hf.safetensors"))["logits"]
+    assert np.abs(np.asarray(model(TOKENS)) - theirs).max() <= 1e-4
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(FIXTURES)))
 def test_bf16_logits_against_transformers(name):
     """The bf16 path against transformers' float32 logits. Derived bound: bf16 keeps 8 significant
