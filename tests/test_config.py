@@ -82,9 +82,11 @@ def test_v3_671b_writes_the_hf_config_json_keys():
         "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
         "v_head_dim": 128, "num_nextn_predict_layers": 1, "max_position_embeddings": 163840,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "attention_bias": False,
-        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }
     assert {k: hf[k] for k in want} == want
+    # token ids are the tokenizer's: save_pretrained keeps the source directory's, never made up
+    assert "bos_token_id" not in hf and "eos_token_id" not in hf
     assert {k: hf["rope_scaling"][k] for k in ("type", "factor", "original_max_position_embeddings", "beta_fast",
                                                "beta_slow", "mscale", "mscale_all_dim")} == {
         "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
@@ -94,10 +96,8 @@ def test_v3_671b_writes_the_hf_config_json_keys():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_hf_config_round_trip(name):
     cfg = preset(name)
-    # config.json's torch_dtype names the checkpoint's storage; from_hf_config leaves the compute and
-    # parameter dtypes to the caller (from_pretrained's overrides), so they are passed back here
-    back = ModelConfig.from_hf_config(cfg.to_hf_config(), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    assert back == cfg
+    # config.json's torch_dtype names the stored dtype, which from_hf_config reads back (compute in it)
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
 # ---- ModelConfig: the validators ---------------------------------------------------------------
