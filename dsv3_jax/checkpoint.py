@@ -25,6 +25,7 @@ one `errors.CheckpointError` (a RuntimeError) naming the directory and every ste
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -110,43 +111,80 @@ def describe(e: BaseException) -> str:
 _NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
 
+def _from_orbax(tb) -> bool:
+    return tb is not None and any("orbax" in f.filename for f in traceback.extract_tb(tb))
+
+
 class _AbortedReadFilter(logging.Filter):
-    """The same aborted reads, seen from asyncio: when orbax's sibling read tasks of a failed
-    restore are garbage-collected, asyncio logs 'Task (or Future) exception was never retrieved'
-    with their traceback (possibly after the restore returned). restore_latest has already reported the
-    failure in one line, so drop exactly those records: the ones raised inside orbax."""
+    """The aborted reads as asyncio reports them: when orbax's sibling read tasks of a failed restore
+    are garbage-collected, asyncio logs 'Task (or Future) exception was never retrieved' with their
+    traceback. restore_latest has already reported the failure in one line, so drop exactly those
+    records: the ones raised inside orbax."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith(_NEVER_RETRIEVED) and record.exc_info:
-            tb = record.exc_info[2]
-            if tb is not None and any("orbax" in f.filename for f in traceback.extract_tb(tb)):
-                return False
+            return not _from_orbax(record.exc_info[2])
         return True
 
 
-_ASYNCIO_FILTER = _AbortedReadFilter()
+def _aborted_read(unraisable) -> bool:
+    """An exception Python can only print ('Exception ignored in: ...') that a failed restore's
+    aborted reads leave: orbax's read coroutines, closed when collected, re-raise the GeneratorExit
+    as an Exception carrying a page of TensorStore spec each (thousands of lines for a small
+    model), and tensorstore's late callbacks find orbax's event loop closed."""
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine being finalised
+    return (code is not None and "orbax" in code.co_filename) or _from_orbax(unraisable.exc_traceback)
 
 
 @contextlib.contextmanager
 def _quiet_aborted_reads(failures: list):
-    """When a restore fails, tensorstore still finishes the other reads on its own threads and
-    posts them to orbax's event loop, which is closed by then: Python prints 'Event loop is
-    closed' tracebacks that say nothing about the checkpoint. Drop exactly those while restoring,
-    and after a failure linger briefly so that the stragglers land inside the filter."""
+    """Contain a failed restore's noise to the restore itself. When a step fails to read, its sibling
+    reads are abandoned mid-flight: tensorstore finishes them on its own threads, and the abandoned
+    coroutines and tasks report their errors whenever the garbage collector reaches them (at exit
+    if nothing else: after the run's one-line error). So after a failure this waits briefly for
+    the stragglers, then collects the garbage *here*, with a hook for exactly those unraisables and
+    a filter for exactly those asyncio records installed, and removes both: nothing global stays
+    behind (importing or using this module leaves the process's logging and hooks as they were)."""
     previous = sys.unraisablehook
+    asyncio_log = logging.getLogger("asyncio")
+    log_filter = _AbortedReadFilter()
 
     def hook(unraisable):
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        if not _aborted_read(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
+    asyncio_log.addFilter(log_filter)
     try:
         yield
     finally:
         if failures:
             time.sleep(0.25)
+            gc.collect()  # the abandoned reads are in reference cycles with their exceptions
+        asyncio_log.removeFilter(log_filter)
         sys.unraisablehook = previous
+
+
+def latest_meta(directory: str | os.PathLike) -> tuple[int, dict | None] | None:
+    """(step, meta) of the newest committed step, its `meta` item read as JSON (None when no committed
+    step has a readable one); None when there is no committed step. Files only, no orbax manager:
+    nothing is written, so a run can check a workdir before it touches it."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = sorted((int(p.name) for p in directory.iterdir()
+                    if p.name.isdigit() and (p / COMMIT_MARKER).exists()), reverse=True)
+    for step in steps:
+        try:
+            meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):  # unreadable: restore_latest will fall back past it too
+            continue
+        if isinstance(meta, dict):
+            return step, meta
+    return (steps[0], None) if steps else None
 
 
 # ---- the checkpointer ---------------------------------------------------------------------------
@@ -163,8 +201,6 @@ class Checkpointer:
             raise ConfigError(f"Checkpointer keep={keep}: expected >= 1")
         self.directory = pathlib.Path(directory).absolute()
         self.save_every = save_every
-        # Installed by the first Checkpointer, not at import: importing this module changes nothing.
-        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)  # a no-op when already there
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         try:

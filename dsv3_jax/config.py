@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, check_field_types
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -95,6 +95,7 @@ class ModelConfig:
         def bad(field: str, why: str):
             raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
 
+        check_field_types(self)
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
                   "v_head_dim", "max_seq_len"):
             if getattr(self, f) <= 0:
@@ -131,6 +132,11 @@ class ModelConfig:
             bad("score_func", f"expected one of {SCORE_FUNCS}")
         if self.rope_factor < 1.0:
             bad("rope_factor", "expected >= 1 (1 disables YaRN)")
+        for f in ("norm_eps", "route_scale", "init_std", "rope_theta"):
+            if not getattr(self, f) > 0:
+                bad(f, "expected > 0")
+        if self.original_seq_len < 1:
+            bad("original_seq_len", "expected a positive integer")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"expected one of {REMAT_POLICIES}")
         for f in ("dtype", "param_dtype"):

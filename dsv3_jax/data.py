@@ -38,8 +38,8 @@ import grain
 import numpy as np
 
 from dsv3_jax import corpus
-from dsv3_jax.tokenizer import Tokenizer, get_tokenizer
-from dsv3_jax.errors import ConfigError, DataError, MissingFileError
+from dsv3_jax.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
+from dsv3_jax.errors import ConfigError, DataError, MissingFileError, check_field_types
 
 FORMATS = ("auto", "text", "jsonl", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -71,9 +71,15 @@ class DataConfig:
     prefetch_batches: int = 4
 
     def __post_init__(self):
-        if isinstance(self.sources, (str, os.PathLike)):
-            object.__setattr__(self, "sources", (self.sources,))
-        object.__setattr__(self, "sources", tuple(map(str, self.sources)))
+        sources = self.sources
+        if isinstance(sources, (str, os.PathLike)):
+            sources = (sources,)
+        if isinstance(sources, (list, tuple)):  # gin writes lists
+            sources = tuple(os.fspath(s) if isinstance(s, os.PathLike) else s for s in sources)
+        object.__setattr__(self, "sources", sources)
+        if isinstance(self.tokenizer_path, os.PathLike):
+            object.__setattr__(self, "tokenizer_path", os.fspath(self.tokenizer_path))
+        check_field_types(self)
         if self.format not in FORMATS:
             raise ConfigError(f"DataConfig.format {self.format!r} is not one of {FORMATS}")
         if self.token_dtype not in TOKEN_DTYPES:
@@ -250,12 +256,17 @@ def _token_streams(cfg: DataConfig, files, vocab_size: int) -> tuple[list, list]
     train, val = [], []
     for f in files:
         tokens = load_token_file(f, cfg.token_dtype)
-        # A full scan, skipped when the dtype cannot hold an out-of-range id.
+        # Full scans, skipped when the dtype cannot hold an out-of-range id.
         if len(tokens) and np.iinfo(tokens.dtype).max >= vocab_size:
             top = int(tokens.max())
             if top >= vocab_size:
                 raise DataError(f"token file {str(f)!r} holds token id {top} >= "
                                  f"vocab_size {vocab_size}")
+        if len(tokens) and np.iinfo(tokens.dtype).min < 0:
+            low = int(tokens.min())
+            if low < 0:
+                raise DataError(f"token file {str(f)!r} holds token id {low}; expected ids in "
+                                f"[0, vocab_size {vocab_size})")
         cut = len(tokens) - int(len(tokens) * cfg.val_fraction)
         train.append(tokens[:cut])
         val.append(tokens[cut:])
@@ -269,10 +280,33 @@ def _to_example(windows: np.ndarray) -> dict[str, np.ndarray]:
             "targets": np.ascontiguousarray(windows[:, 1:])}
 
 
+def _tokenizer(cfg: DataConfig, vocab_size: int, workdir: pathlib.Path,
+               keep_workdir_tokenizer: bool) -> Tokenizer:
+    """``cfg.tokenizer_path``'s tokenizer, or the workdir's corpus BPE: trained (or retrained for a new
+    vocabulary or corpus) only while no checkpoint depends on it."""
+    if cfg.tokenizer_path is None and keep_workdir_tokenizer:
+        if not (workdir / "tokenizer.json").is_file():
+            raise MissingFileError(f"{workdir} has checkpoints but no tokenizer.json: they were "
+                                   f"trained with the one that was there; put it back, or start a "
+                                   f"new workdir")
+        tok = load_tokenizer(workdir)
+    else:
+        tok = get_tokenizer(cfg.tokenizer_path, vocab_size=vocab_size, workdir=workdir,
+                            corpus_max_bytes=cfg.corpus_max_bytes)
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than "
+                        f"the model's vocab_size {vocab_size}")
+    return tok
+
+
 def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_size: int,
               workdir: str | os.PathLike, process_index: int = 0,
-              process_count: int = 1) -> Data:
-    """Builds this process's training iterator and validation batches (see module doc)."""
+              process_count: int = 1, keep_workdir_tokenizer: bool = False) -> Data:
+    """Builds this process's training iterator and validation batches (see module doc).
+
+    ``keep_workdir_tokenizer``: the workdir has checkpoints, trained with the tokenizer.json
+    there; without a ``tokenizer_path`` that one is loaded as it is, never retrained (a new
+    corpus key, e.g. another Python version, would otherwise replace it)."""
     if seq_len <= 0 or global_batch_size <= 0:
         raise DataError(f"seq_len {seq_len} and global_batch_size {global_batch_size} "
                          f"must be positive")
@@ -290,11 +324,7 @@ def make_data(cfg: DataConfig, *, seq_len: int, global_batch_size: int, vocab_si
 
     tok = None
     if not pretokenized or cfg.tokenizer_path is not None:
-        tok = get_tokenizer(cfg.tokenizer_path, vocab_size=vocab_size, workdir=workdir,
-                            corpus_max_bytes=cfg.corpus_max_bytes)
-        if tok.vocab_size > vocab_size:
-            raise DataError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than "
-                             f"the model's vocab_size {vocab_size}")
+        tok = _tokenizer(cfg, vocab_size, workdir, keep_workdir_tokenizer)
     if pretokenized:
         train_streams, val_streams = _token_streams(cfg, files, vocab_size)
     else:

@@ -123,6 +123,8 @@ MODEL_RULES = [
     ("inter_dim", {"inter_dim": 0}),
     ("score_func", {"score_func": "relu"}),
     ("rope_factor", {"rope_factor": 0.5}),
+    *[(f, {f: 0.0}) for f in ("norm_eps", "route_scale", "init_std", "rope_theta")],  # > 0
+    ("original_seq_len", {"original_seq_len": 0}),
     ("remat", {"remat": "everything"}),
     ("dtype", {"dtype": "float16"}),
     ("param_dtype", {"param_dtype": "int8"}),
@@ -178,7 +180,11 @@ RUN_RULES = [
     (OptimConfig, "final_lr", {"final_lr": -1e-6}),
     (OptimConfig, "final_lr", {"final_lr": 1.0}),  # above peak_lr
     *[(OptimConfig, f, {f: -1}) for f in ("warmup_steps", "constant_steps", "decay_steps")],
+    (OptimConfig, "b1", {"b1": 1.0}),
+    (OptimConfig, "b1", {"b1": -0.1}),
     (OptimConfig, "b2", {"b2": 1.0}),
+    (OptimConfig, "eps", {"eps": 0.0}),
+    (OptimConfig, "weight_decay", {"weight_decay": -0.1}),
     (OptimConfig, "b2", {"b2": 0.0}),
     (OptimConfig, "clip_norm", {"clip_norm": 0.0}),
     *[(TrainConfig, f, {f: 0}) for f in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -186,6 +192,8 @@ RUN_RULES = [
     (TrainConfig, "grad_accum", {"grad_accum": 3}),  # does not divide batch_size=8
     (TrainConfig, "bias_gamma", {"bias_gamma": -1e-3}),
     (TrainConfig, "balance_alpha", {"balance_alpha": -1e-4}),
+    *[(TrainConfig, f, {f: -0.1}) for f in ("mtp_lambda", "mtp_lambda_late")],
+    *[(TrainConfig, f, {f: -1}) for f in ("eval_batches", "sample_tokens")],  # 0: none
     (TrainConfig, "pipeline_schedule", {"pipeline_schedule": "zb"}),
     (TrainConfig, "pipeline_microbatches", {"pipeline_microbatches": -1}),
 ]

@@ -3,13 +3,17 @@
 The model's own architecture lives in `dsv3_jax.config.ModelConfig`; data in `dsv3_jax.data.DataConfig`.
 Defaults follow the V3 report §4.2 (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, gamma 0.001,
 alpha 1e-4, MTP lambda 0.3 then 0.1), with step counts instead of token counts.
+
+Also here: which config fields a resumed run may change (ARCHITECTURE / RUN / FREE, `config_changes`),
+for every config including the model's and the data's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, check_field_types
 
 
 def _check(obj, field: str, ok: bool, why: str):
@@ -24,6 +28,7 @@ class MeshConfig:
     expert: int = 1
 
     def __post_init__(self):
+        check_field_types(self)
         for f in ("data", "pipeline", "expert"):
             _check(self, f, getattr(self, f) >= 1, "expected a positive mesh degree")
 
@@ -47,11 +52,15 @@ class OptimConfig:
     bf16_moments: bool = False  # Adam moments in BF16, FP32 master weights (V3 report §3.3.3)
 
     def __post_init__(self):
+        check_field_types(self)
         _check(self, "peak_lr", self.peak_lr > 0, "expected > 0")
         _check(self, "final_lr", 0 <= self.final_lr <= self.peak_lr, "expected 0 <= final_lr <= peak_lr")
         for f in ("warmup_steps", "constant_steps", "decay_steps"):
             _check(self, f, getattr(self, f) >= 0, "expected >= 0")
+        _check(self, "b1", 0 <= self.b1 < 1, "expected 0 <= b1 < 1")
         _check(self, "b2", 0 < self.b2 < 1, "expected 0 < b2 < 1")
+        _check(self, "eps", self.eps > 0, "expected > 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, "expected >= 0")
         _check(self, "clip_norm", self.clip_norm > 0, "expected > 0")
 
 
@@ -82,6 +91,7 @@ class TrainConfig:
     sample_prompt: str = "def "
 
     def __post_init__(self):
+        check_field_types(self)
         for f in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                   "checkpoint_every", "keep_checkpoints"):
             _check(self, f, getattr(self, f) >= 1, "expected a positive integer")
@@ -89,6 +99,10 @@ class TrainConfig:
                f"must divide batch_size={self.batch_size}")
         _check(self, "bias_gamma", self.bias_gamma >= 0, "expected >= 0")
         _check(self, "balance_alpha", self.balance_alpha >= 0, "expected >= 0")
+        for f in ("mtp_lambda", "mtp_lambda_late"):
+            _check(self, f, getattr(self, f) >= 0, "expected >= 0")
+        for f in ("eval_batches", "sample_tokens"):
+            _check(self, f, getattr(self, f) >= 0, "expected >= 0 (0: none)")
         _check(self, "pipeline_schedule", self.pipeline_schedule in ("gpipe", "1f1b"), "expected 'gpipe' or '1f1b'")
         _check(self, "pipeline_microbatches", self.pipeline_microbatches >= 0, "expected >= 0 (0: automatic)")
 
@@ -98,3 +112,64 @@ class TrainConfig:
     def mtp_lambda_at(self, step):
         late = 0 <= self.mtp_lambda_switch_step <= step
         return self.mtp_lambda_late if late else self.mtp_lambda
+
+
+# ---- what a resumed run may change -------------------------------------------------------------
+# A checkpoint's `meta` item holds the configs it was trained with (train/main.py saves them), one
+# section per config. Resuming compares them with the new ones field by field, in three classes:
+#   ARCHITECTURE  the parameters' shapes or the function they compute: the checkpoint cannot go on
+#                 under the new value, so resuming stops with a ConfigError naming each field;
+#   RUN           the same parameters, a different run (routing, numerics, the objective, the batch,
+#                 the optimizer, the data): only with --allow_config_change, and then recorded;
+#   FREE          execution and bookkeeping (mesh, MoE dispatch, remat, kernels, cadences, the
+#                 context a model accepts, init-only values): free, as resuming on another mesh is.
+# Every field of every config is in exactly one class (tested), so a new field needs a decision.
+SECTIONS = {"model": "ModelConfig", "run": "TrainConfig", "mesh": "MeshConfig", "optim": "OptimConfig",
+            "data": "DataConfig"}
+ARCHITECTURE = {
+    "model": ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+              "n_routed_experts", "n_shared_experts", "score_func", "gate_bias", "q_lora_rank",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_theta",
+              "rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "norm_eps", "n_mtp_modules", "param_dtype", "fp8_weights"),
+}
+RUN = {
+    "model": ("n_activated_experts", "n_expert_groups", "n_limited_groups", "route_scale", "norm_topk_prob",
+              "dtype", "fp8", "fp8_act_scale", "ep_capacity_factor"),
+    "run": ("batch_size", "seq_len", "balance_alpha", "bias_gamma", "bias_freeze_step", "mtp_lambda",
+            "mtp_lambda_late", "mtp_lambda_switch_step"),
+    "optim": ("peak_lr", "final_lr", "warmup_steps", "constant_steps", "decay_steps", "b1", "b2", "eps",
+              "weight_decay", "clip_norm", "bf16_moments"),
+    "data": ("sources", "format", "token_dtype", "tokenizer_path", "val_fraction", "seed", "shuffle",
+             "corpus_max_bytes"),
+}
+FREE = {
+    "model": ("max_seq_len", "init_std", "remat", "moe_impl", "ep_dispatch", "ep_combine", "ep_transport",
+              "fp8_kernel", "attn_impl"),
+    "run": ("grad_accum", "seed", "pipeline_schedule", "pipeline_microbatches", "overlap_microbatches",
+            "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+            "sample_tokens", "sample_prompt"),
+    "mesh": ("data", "pipeline", "expert"),
+    "data": ("num_threads", "prefetch_batches"),
+}
+
+
+def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(architecture changes, run changes) from the `saved` meta to the `new` one, each as
+    'ModelConfig.dim 64 -> 128'. Sections and fields the saved meta lacks (a checkpoint older than
+    them) are not compared; FREE fields never count."""
+    arch, run = [], []
+    for section, fields in new.items():
+        old = saved.get(section)
+        if section not in SECTIONS or not isinstance(old, dict):
+            continue
+        for name, value in fields.items():
+            value = json.loads(json.dumps(value))  # as the checkpoint stored it: tuples are lists
+            if name not in old or old[name] == value:
+                continue
+            change = f"{SECTIONS[section]}.{name} {old[name]!r} -> {value!r}"
+            if name in ARCHITECTURE.get(section, ()):
+                arch.append(change)
+            elif name in RUN.get(section, ()):
+                run.append(change)
+    return arch, run
