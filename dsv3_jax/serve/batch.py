@@ -1,0 +1,136 @@
+"""The device side of the server: a decode batch of fixed slots over one latent cache.
+
+Shape letters (the package legend): Bd decode slots, S prompt bucket, T cache slots per sequence.
+
+Slot i is row i of every array of the decode `DecodeState`: its latent cache rows
+`cache.layers[*].c_kv[:, i]` (T slots, one per position), its token buffer, length, budget and
+`active` flag, and row i of the per-row sampling settings and EOS id kept here on the host. A
+request is prefilled alone (a batch of one, its prompt right-padded to the smallest bucket
+S = 16, 32, 64, ... that holds it) and `infer.programs.insert` copies the result into its slot;
+when it leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies.
+The slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
+rule of `dsv3_jax.cache` hides everything past a sequence's length.
+
+Every shape is fixed at start-up (Bd, T, the buckets, K steps per dispatch), so `warmup` compiles
+every program once and nothing compiles while serving; `compiled_programs` counts them so that a
+test (and /metrics) can see it stays so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.infer import programs as infer_programs
+from dsv3_jax.infer.sampling import SamplingConfig
+from dsv3_jax.serve import programs
+from dsv3_jax.serve.sampling import RowSampling
+
+FIRST_BUCKET = 16
+
+
+def prompt_buckets(max_len: int) -> list[int]:
+    """16, 32, 64, ... up to and including max_len: log2(T/16) prefill shapes instead of T/16."""
+    out, b = [], FIRST_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """What one request asks of its row."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seq_id: int = 0  # the sampling keys' sequence number (the request's seed)
+    eos_id: int = -1  # -1: ignore EOS
+
+
+class DecodeBatch:
+    def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
+                 cache_dtype=jnp.bfloat16, mesh=None, seed: int = 0):
+        from flax import nnx
+
+        self.cfg, self.mesh = model.cfg, mesh
+        self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.graphdef, params = nnx.split(model)
+        self.params = infer_programs.place_params(params, mesh)
+        self.buckets = prompt_buckets(self.context)
+        self.key = jax.random.key(seed)
+        self.rs = RowSampling.host(slots)
+        self.eos = np.full(slots, -1, np.int32)
+        self.keep = np.ones(slots, bool)
+        self.state = self._empty()
+
+    @property
+    def context(self) -> int:
+        """Tokens one sequence may hold, prompt and output together (MTP drafts need n_draft slots more)."""
+        return min(self.cfg.max_seq_len, self.max_len - self.n_draft)
+
+    def _empty(self) -> infer_programs.DecodeState:
+        # A sampled SamplingConfig makes empty_state allocate the draft distributions q, which
+        # the serving programs always carry (any row may sample).
+        state = infer_programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
+                                           sampling=SamplingConfig(temperature=1.0), cache_dtype=self.cache_dtype,
+                                           hidden_dtype=jnp.dtype(self.cfg.dtype))
+        if self.mesh is not None:
+            state = jax.device_put(state, infer_programs.state_shardings_for(state, self.mesh))
+        return state
+
+    def reset(self) -> None:
+        """A fresh, empty batch (after a device error left the donated state unusable)."""
+        self.keep[:] = True
+        self.state = self._empty()
+
+    def state_lost(self) -> bool:
+        return any(x.is_deleted() for x in jax.tree.leaves(self.state))
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def prefill(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> tuple[list[int], bool]:
+        """Prefill one prompt into `slot` -> (its first tokens, whether it is still generating)."""
+        S = self.bucket(len(prompt))
+        tok = np.zeros((1, S), np.int32)
+        tok[0, : len(prompt)] = prompt
+        rs = RowSampling(np.float32([row.temperature]), np.int32([row.top_k]), np.float32([row.top_p]))
+        rows, first = programs.prefill(self.graphdef, self.params, tok, np.int32([len(prompt)]),
+                                       np.int32([row.seq_id]), np.int32([budget]), np.int32([row.eos_id]), rs,
+                                       self.key, n_draft=self.n_draft, cache_dtype=self.cache_dtype, mesh=self.mesh)
+        tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
+        if active:
+            self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
+            self.rs.set_row(slot, row.temperature, row.top_k, row.top_p)
+            self.eos[slot], self.keep[slot] = row.eos_id, True
+        return tokens[0, : count[0]].tolist(), active
+
+    def free(self, slot: int) -> None:
+        """Stop generating in `slot` from the next dispatch on. Its settings go back to greedy: the
+        sampling code runs only when some row samples, and a frozen row still counts."""
+        self.keep[slot] = False
+        self.rs.set_row(slot, 0.0, 0, 1.0)
+
+    def decode(self, n_steps: int) -> programs.ChunkOutput:
+        """Run up to n_steps (<= K) steps; -> their outputs as numpy arrays."""
+        self.state, out = programs.decode(self.graphdef, self.params, self.state, self.keep.copy(),
+                                          np.int32(min(n_steps, self.K)), self.rs, self.eos.copy(), self.key,
+                                          n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh)
+        return jax.tree.map(np.asarray, out)
+
+    def warmup(self) -> None:
+        """Compile every program the server will run: a prefill and an insert per bucket and the
+        decode loop (with a sampled row, so both sides of every `lax.cond` run once)."""
+        for S in self.buckets:
+            self.prefill(0, [0] * min(S, self.context - 1), 2, RowSettings(temperature=1.0, top_k=2, top_p=0.5))
+        self.decode(self.K)
+        self.free(0)
+
+    def compiled_programs(self) -> int:
+        return sum(f._cache_size() for f in (programs.prefill, programs.decode, infer_programs.insert))
