@@ -248,17 +248,25 @@ class Scheduler:
             self._deliver(req, slot, new, now, still_active=bool(out.active[slot]))
 
     def _deliver(self, req: Request, slot: int, tokens: list[int], now: float, *, still_active: bool) -> None:
-        """Hand a request its new tokens; retire it if it is done (EOS, stop string, budget)."""
+        """Hand a request its new tokens; retire it if it is done (EOS, stop string, budget).
+
+        Tokens go through the text one at a time, so that a stop string ends the count at the
+        token that completed it, even when the dispatch produced more."""
         try:
-            if tokens:
-                self._count_tokens(req, len(tokens), now)
-                eos = self.tokenizer.eos_id if not req.params.ignore_eos else None
-                hit_eos = tokens[-1] == eos
-                text = req.text.push(tokens[:-1] if hit_eos else tokens)
-                if text:
-                    req.sink(Delta(text, tokens))
-            else:
-                hit_eos = False
+            eos = self.tokenizer.eos_id if not req.params.ignore_eos else None
+            text, used, hit_eos = [], 0, False
+            for t in tokens:
+                used += 1
+                hit_eos = t == eos
+                if hit_eos:
+                    break
+                text.append(req.text.push([t]))
+                if req.text.stopped:
+                    break
+            if used:
+                self._count_tokens(req, used, now)
+            if any(text):
+                req.sink(Delta("".join(text), tokens[:used]))
             if req.text.stopped or hit_eos:
                 self._retire(req, slot, "stop")
             elif not still_active:
