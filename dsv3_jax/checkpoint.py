@@ -30,9 +30,11 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import traceback
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -108,7 +110,8 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
 
 
-_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+# asyncio's message for a Task, Future or _GatheringFuture (gather's) whose exception nobody read
+_NEVER_RETRIEVED = re.compile(r"\w+ exception was never retrieved")
 
 
 def _from_orbax(tb) -> bool:
@@ -117,12 +120,12 @@ def _from_orbax(tb) -> bool:
 
 class _AbortedReadFilter(logging.Filter):
     """The aborted reads as asyncio reports them: when orbax's sibling read tasks of a failed restore
-    are garbage-collected, asyncio logs 'Task (or Future) exception was never retrieved' with their
-    traceback. restore_latest has already reported the failure in one line, so drop exactly those
-    records: the ones raised inside orbax."""
+    are garbage-collected, asyncio logs 'Task (or Future, _GatheringFuture) exception was never
+    retrieved' with their traceback. restore_latest has already reported the failure in one line,
+    so drop exactly those records: the ones raised inside orbax."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(_NEVER_RETRIEVED) and record.exc_info:
+        if _NEVER_RETRIEVED.match(record.getMessage()) and record.exc_info:
             return not _from_orbax(record.exc_info[2])
         return True
 
@@ -145,8 +148,9 @@ def _quiet_aborted_reads(failures: list):
     reads are abandoned mid-flight: tensorstore finishes them on its own threads, and the abandoned
     coroutines and tasks report their errors whenever the garbage collector reaches them (at exit
     if nothing else: after the run's one-line error). So after a failure this waits briefly for
-    the stragglers, then collects the garbage *here*, with a hook for exactly those unraisables and
-    a filter for exactly those asyncio records installed, and removes both: nothing global stays
+    the stragglers, then collects the garbage *here*, with a hook for exactly those unraisables, a
+    filter for exactly those asyncio records and one for 'coroutine ... was never awaited' warnings
+    (reads cut off before they started) installed, and removes them all: nothing global stays
     behind (importing or using this module leaves the process's logging and hooks as they were)."""
     previous = sys.unraisablehook
     asyncio_log = logging.getLogger("asyncio")
@@ -159,11 +163,16 @@ def _quiet_aborted_reads(failures: list):
     sys.unraisablehook = hook
     asyncio_log.addFilter(log_filter)
     try:
-        yield
+        with warnings.catch_warnings():
+            # read coroutines the failure cut off before they were scheduled
+            warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+            try:
+                yield
+            finally:
+                if failures:
+                    time.sleep(0.25)
+                    gc.collect()  # the abandoned reads are in reference cycles with their exceptions
     finally:
-        if failures:
-            time.sleep(0.25)
-            gc.collect()  # the abandoned reads are in reference cycles with their exceptions
         asyncio_log.removeFilter(log_filter)
         sys.unraisablehook = previous
 

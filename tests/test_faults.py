@@ -410,18 +410,41 @@ def test_a_restore_that_fails_mid_read_is_one_line(trained, tmp_path):
 
 
 def test_a_failed_restore_leaves_no_hook_or_filter_behind(tmp_path):
-    """The noise is contained inside restore_latest: no asyncio filter or unraisable hook stays."""
+    """The noise is contained inside restore_latest: no asyncio filter, warnings filter or unraisable
+    hook stays behind."""
+    import warnings
     import jax
     import jax.numpy as jnp
     from dsv3_jax.checkpoint import Checkpointer
     from dsv3_jax.errors import CheckpointError
-    hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+    hook, filters, warning_filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters), warnings.filters[:]
     with Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
         ckpt.save(1, {"w": jnp.ones((8, 4))}, data_state={}, meta={})
         ckpt.wait()
         with pytest.raises(CheckpointError, match="no readable checkpoint"):
             ckpt.restore_latest({"w": jax.ShapeDtypeStruct((16, 4), jnp.float32)})
     assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
+    assert warnings.filters == warning_filters
+
+
+def test_gather_futures_of_aborted_reads_are_dropped_too():
+    """asyncio names the class: gather's _GatheringFuture of a failed restore's reads, raised inside
+    orbax, is dropped like a Task's; from other code it gets through."""
+    from dsv3_jax.checkpoint import _AbortedReadFilter
+
+    def record_from(filename):
+        ns = {}
+        exec(compile("def boom():\n    raise ValueError('shape')\n", filename, "exec"), ns)
+        try:
+            ns["boom"]()
+        except ValueError:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("asyncio", logging.ERROR, "x", 1,
+                                 "_GatheringFuture exception was never retrieved\nfuture: <...>", None, exc_info)
+
+    f = _AbortedReadFilter()
+    assert not f.filter(record_from("/site-packages/orbax/checkpoint/_src/serialization/serialization.py"))
+    assert f.filter(record_from("/home/user/my_code.py"))
 
 
 # ---- signals ------------------------------------------------------------------------------------
