@@ -234,7 +234,16 @@ _HF_KEYS = {
 }
 
 
+# Keys config.json may leave out, with the value transformers' DeepSeek configs then use.
+# Every other key of _HF_KEYS must be there: a missing one is an error, never a preset's value.
+_HF_OPTIONAL = {"num_nextn_predict_layers": 0, "scoring_func": None}  # None: by model_type, below
+
+
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    missing = sorted(k for k in _HF_KEYS if hf.get(k) is None and k not in _HF_OPTIONAL)
+    if missing:
+        raise ConfigError(f"config.json is missing {missing}: every architecture key must be given "
+                          "(no default is assumed)")
     model_type = hf.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
         raise ConfigError(f"config.json model_type={model_type!r}: expected 'deepseek_v3' or 'deepseek_v2'")

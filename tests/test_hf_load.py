@@ -244,6 +244,16 @@ def test_bad_files_fail_in_one_line_before_reading(released, tmp_path, monkeypat
     assert "\n" not in str(info.value) and not reads  # one line; nothing half-loaded
 
 
+def test_config_json_missing_an_architecture_key_is_an_error(released, tmp_path):
+    """No preset value fills a key config.json leaves out (it would load the wrong model silently)."""
+    path = _copy(released, tmp_path)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    del cfg["moe_intermediate_size"], cfg["n_group"]
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ConfigError, match=r"missing \['moe_intermediate_size', 'n_group'\]"):
+        from_pretrained(path)
+
+
 def test_safetensors_files_round_trip_every_dtype(tmp_path):
     """The reader's dtypes agree with safetensors' own files (F32, BF16 and F8_E4M3 by slice)."""
     from dsv3_jax.safetensors_io import SafetensorsDir, write

@@ -219,9 +219,16 @@ class Printer:
 def run(args) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
+    if args.batch_size < 0:
+        raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1 (0: all prompts together)")
     model, tok, mesh = load(args)
     cfg = model.cfg
     _, prompts = read_prompts(args, tok)
+    for i, p in enumerate(prompts):  # the engine stops at the context's end: say so, once per prompt
+        room = cfg.max_seq_len - len(p)
+        if 0 < room < args.max_new_tokens:
+            print(f"infer.py: note: prompt {i} has {len(p)} tokens; the context (max_seq_len {cfg.max_seq_len}) "
+                  f"leaves room for {room} new tokens, not --max_new_tokens {args.max_new_tokens}", file=sys.stderr)
     n_draft = 0
     if args.speculative == "mtp":
         if cfg.n_mtp_modules == 0:

@@ -16,6 +16,7 @@ reproduces the same text.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,12 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ConfigError(f"SamplingConfig.temperature={self.temperature}: expected >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan and inf compare False
+            raise ConfigError(f"SamplingConfig.temperature={self.temperature}: expected a finite value >= 0 "
+                              "(0 is greedy)")
         if self.top_k < 0:
             raise ConfigError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 is off)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # (nan fails this too)
             raise ConfigError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1] (1 is off)")
 
     @property

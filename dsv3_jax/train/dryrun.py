@@ -61,6 +61,13 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
     }
 
 
+def total_bytes(r: dict) -> int:
+    """What one device must hold at the step's peak: its arguments (the state and the batch), XLA's
+    temporaries, and the outputs that do not reuse a donated argument's buffer."""
+    x = r["xla"]
+    return x["argument"] + x["temp"] + x["output"] - x["alias"]
+
+
 def format_report(r: dict, tokens_per_step: int) -> str:
     fb = hlo.format_bytes
     lines = [f"dry run: mesh {r['mesh']} ({math.prod(r['mesh'].values())} devices), compiled in {r['compile_s']:.0f} s",
@@ -72,6 +79,8 @@ def format_report(r: dict, tokens_per_step: int) -> str:
     lines += [f"  XLA arguments       {fb(x['argument'])}  (state + batch)",
               f"  XLA temporaries     {fb(x['temp'])}  (activations, gradients, workspace)",
               f"  XLA outputs         {fb(x['output'])}  (aliased with donated inputs: {fb(x['alias'])})",
+              f"per-device total: {total_bytes(r) / 2**30:.2f} GiB  (arguments + temporaries + outputs not "
+              "aliased with a donated input)",
               f"collectives per step and device ({tokens_per_step} tokens per step; "
               f"pipeline slots busy {r['busy']:.2f} of ticks; upper bound: every slot busy):"]
     for op, c in sorted(r["collectives"].items()):
