@@ -240,13 +240,13 @@ _HF_OPTIONAL = {"num_nextn_predict_layers": 0, "scoring_func": None}  # None: by
 
 
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    model_type = hf.get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+        raise ConfigError(f"config.json model_type={model_type!r}: expected 'deepseek_v3' or 'deepseek_v2'")
     missing = sorted(k for k in _HF_KEYS if hf.get(k) is None and k not in _HF_OPTIONAL)
     if missing:
         raise ConfigError(f"config.json is missing {missing}: every architecture key must be given "
                           "(no default is assumed)")
-    model_type = hf.get("model_type", "deepseek_v3")
-    if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-        raise ConfigError(f"config.json model_type={model_type!r}: expected 'deepseek_v3' or 'deepseek_v2'")
     out = {ours: hf[k] for k, ours in _HF_KEYS.items() if hf.get(k) is not None}
     out["q_lora_rank"] = hf.get("q_lora_rank") or 0
     if hf.get("moe_layer_freq", 1) != 1:
