@@ -5,7 +5,10 @@ The same as the installed `dsv3-infer` command; the script lives in `dsv3_jax/in
 
 import sys
 
-from dsv3_jax.infer.main import main
+try:
+    from dsv3_jax.infer.main import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries are still importing: quiet
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())
