@@ -143,7 +143,7 @@ def _aborted_read(unraisable) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_aborted_reads(failures: list):
+def quiet_aborted_reads(failures: list):
     """Contain a failed restore's noise to the restore itself. When a step fails to read, its sibling
     reads are abandoned mid-flight: tensorstore finishes them on its own threads, and the abandoned
     coroutines and tasks report their errors whenever the garbage collector reaches them (at exit
@@ -268,7 +268,7 @@ class Checkpointer:
         if not steps:
             return None
         bad: list[tuple[int, str]] = []
-        with _quiet_aborted_reads(bad):
+        with quiet_aborted_reads(bad):
             for step in steps:
                 try:
                     restored = self._restore_step(step, abstract_state)

@@ -176,3 +176,20 @@ def test_no_readable_checkpoint_stops_with_a_clear_message(reference, tmp_path, 
     out = run(wd, "train.num_steps = 8", cache=cache, check=False)
     assert out.returncode == 1 and "no readable checkpoint" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_infer_falls_back_past_a_corrupt_step_and_changes_nothing(reference, tmp_path):
+    """infer.py --checkpoint restores through the checks training makes (commit marker, checksums),
+    warns in one line and uses the previous step, and leaves the workdir as it found it."""
+    wd = tmp_path / "infer_corrupt"
+    shutil.copytree(reference, wd)
+    newest = max(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
+    _destroy_arrays(wd / "checkpoints" / str(newest))
+    before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    out = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(wd), "--prompt", "def ",
+                          "--max_new_tokens", "2", "--temperature", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"step {newest}" in out.stderr and "unusable" in out.stderr and "Traceback" not in out.stderr
+    assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == before
