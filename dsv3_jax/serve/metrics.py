@@ -60,7 +60,12 @@ class Metrics:
             self.accepted.inc(accepted)
             self._totals[0] += drafted
             self._totals[1] += accepted
-            self.acceptance.set(self._totals[1] / self._totals[0] if self._totals[0] else 0.0)
+            self.acceptance.set(self.acceptance_rate)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """MTP drafts accepted / drafted since start (0 without speculation)."""
+        return self._totals[1] / self._totals[0] if self._totals[0] else 0.0
 
     def observe_finished(self, req, reason: str) -> None:
         self.finished.labels(reason).inc()

@@ -263,9 +263,8 @@ class Scheduler:
                 text.append(req.text.push([t]))
                 if req.text.stopped:
                     break
-            if used:
+            if used:  # a Delta even without text (half a character): it carries the token count
                 self._count_tokens(req, used, now)
-            if any(text):
                 req.sink(Delta("".join(text), tokens[:used]))
             if req.text.stopped or hit_eos:
                 self._retire(req, slot, "stop")

@@ -87,7 +87,8 @@ async def _stream(service: Service, req, events: asyncio.Queue, reply: Reply, pa
         while not over:
             event = await events.get()
             if isinstance(event, Delta):
-                yield _sse(reply.chunk(event.text, include_usage=usage_too))
+                if event.text:
+                    yield _sse(reply.chunk(event.text, include_usage=usage_too))
                 continue
             over = True
             if isinstance(event, Finished):
