@@ -310,6 +310,7 @@ def hf_dir(tmp_path_factory):
         save_pretrained(random_model(cfg.replace(init_std=0.02)), str(root / name))
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (root / name / f).write_bytes((root / "ok" / f).read_bytes())
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (root / "malformed").mkdir()
     (root / "malformed" / "config.json").write_text("{not json")
     return root
@@ -322,6 +323,11 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("case,match", [
+    ("nan_temperature", "temperature=nan: expected a finite value"),
+    ("inf_temperature", "temperature=inf: expected a finite value"),
+    ("top_p", r"top_p=1.5: expected in \(0, 1\]"),
+    ("batch", "--batch_size -2"),
+    ("not_utf8", "not UTF-8"),
     ("empty", "empty prompt"),
     ("too_long", "context"),
     ("missing", "not a checkpoint directory"),
@@ -331,6 +337,11 @@ def _cli(*args):
 def test_cli_bad_input_exits_with_a_message(hf_dir, case, match):
     ok = str(hf_dir / "ok")
     args = {
+        "nan_temperature": ["--hf_checkpoint", ok, "--prompt", "hi", "--temperature", "nan"],
+        "inf_temperature": ["--hf_checkpoint", ok, "--prompt", "hi", "--temperature", "inf"],
+        "top_p": ["--hf_checkpoint", ok, "--prompt", "hi", "--top_p", "1.5", "--temperature", "0.5"],
+        "batch": ["--hf_checkpoint", ok, "--prompt", "hi", "--batch_size", "-2"],
+        "not_utf8": ["--hf_checkpoint", ok, "--prompt_file", str(hf_dir / "latin1.txt")],
         "empty": ["--hf_checkpoint", ok, "--prompt", "  "],
         "too_long": ["--hf_checkpoint", ok, "--prompt", "the cat sat on the mat " * 40],
         "missing": ["--hf_checkpoint", str(hf_dir / "nowhere"), "--prompt", "hi"],

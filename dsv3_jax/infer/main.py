@@ -154,8 +154,15 @@ def read_prompts(args, tok) -> tuple[list[str], list[list[int]]]:
                 texts = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise MissingFileError(f"--prompt_file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompt_file {args.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not texts:
             raise ConfigError(f"--prompt_file {args.prompt_file}: no prompts (every line is blank)")
+    for t in texts:  # undecodable command-line bytes arrive as lone surrogates
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("--prompt: not valid UTF-8 text") from None
     if any(not t.strip() for t in texts):
         raise ConfigError("empty prompt: give some text to continue")
     if args.chat and tok.chat_template is not None:  # the template writes its own BOS
@@ -221,6 +228,7 @@ def run(args) -> None:
         raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
     if args.batch_size < 0:
         raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1 (0: all prompts together)")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # before the load
     model, tok, mesh = load(args)
     cfg = model.cfg
     _, prompts = read_prompts(args, tok)
@@ -235,7 +243,6 @@ def run(args) -> None:
             raise ConfigError("--speculative mtp: the checkpoint has no MTP module")
         n_draft = cfg.n_mtp_modules
 
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if mesh is not None:
         jax.set_mesh(mesh)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
     engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), prefill_mesh=mesh, decode_mesh=mesh)
@@ -265,4 +272,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+        print("infer.py: interrupted", file=sys.stderr)
+        return 130
     return 0
