@@ -10,9 +10,11 @@
 
 Generated text streams to stdout (one prompt), or is printed per prompt as each finishes (a
 prompt file: one prompt per non-blank line). Throughput, and the MTP acceptance rate with
---speculative, go to stderr. `--temperature 0` is greedy decoding. Bad input (a missing or
-malformed checkpoint, an empty or too long prompt, token ids outside the model's vocabulary)
-ends with a one-line message on stderr and exit status 1.
+--speculative, go to stderr. `--temperature 0` is greedy decoding. Bad input ends with a one-line
+message on stderr: exit status 2 for a usage or config mistake (an empty or too long prompt, token
+ids outside the vocabulary, a sampling value out of range, a --mesh that does not divide the
+experts), 1 for a file that cannot be used (a missing or malformed checkpoint or tokenizer); 130
+after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -264,14 +266,15 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    """The project's own errors are one line on stderr and exit 1; anything else keeps its traceback."""
+    """The project's own errors are one line on stderr and exit 2 (usage, config, prompt, sampling
+    values) or 1 (files, checkpoints, tokenizers); Ctrl-C exits 130; anything else keeps its traceback."""
     args = parse_args(argv)
     try:
         setup_devices(args)
         dry_run(args) if args.dry_run else run(args)
-    except UserError as e:
+    except UserError as e:  # usage and config mistakes exit 2, everything else the user can fix 1
         print(f"infer.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
         print("infer.py: interrupted", file=sys.stderr)
         return 130
