@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from dsv3_jax.errors import ConfigError, MissingFileError, UserError
 from dsv3_jax.hf import from_pretrained, pretrained_config
 from dsv3_jax.infer import dryrun
+from dsv3_jax.infer.args import add_model_args
 from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.load import load_for_inference
 from dsv3_jax.infer.sampling import SamplingConfig
@@ -39,10 +40,10 @@ from dsv3_jax.tokenizer import load_tokenizer
 # ---- arguments ----------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dsv3-infer", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="WORKDIR", help="a training run's workdir")
-    src.add_argument("--hf_checkpoint", metavar="DIR", help="an HF-format directory (config.json, "
-                     "safetensors, tokenizer.json)")
+    weights = add_model_args(p)
+    weights.add_argument("--dry_run", action="store_true",
+                         help="from config.json alone: compile prefill and the decode step for --batch_size x "
+                              "--max_len on the mesh and print the memory per device; reads no tensor")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="the prompt text")
     text.add_argument("--prompt_file", metavar="FILE", help="one prompt per non-blank line")
@@ -61,20 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--max_len", type=int, default=None,
                    help="cache slots per sequence (default: the longest prompt + max_new_tokens, rounded up)")
-    weights = p.add_argument_group("weights and devices (--hf_checkpoint)")
-    weights.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                         help="parameter and compute dtype (default: the checkpoint's torch_dtype)")
-    weights.add_argument("--keep_fp8", action="store_true",
-                         help="keep FP8 weights in e4m3 with their block scales (block-scaled FP8 matmuls)")
-    weights.add_argument("--mesh", metavar="D,P,E", default=None,
-                         help="data,pipeline,expert mesh (default: all devices, experts over as many as divide)")
-    weights.add_argument("--num_cpu_devices", type=int, default=None, help="fake CPU devices (dry runs, tests)")
-    weights.add_argument("--attn_impl", default=None,
-                         help="attention kernel (ModelConfig.attn_impl: reference, blockwise, splash, tokamax, "
-                              "cudnn); default: the checkpoint config's")
-    weights.add_argument("--dry_run", action="store_true",
-                         help="from config.json alone: compile prefill and the decode step for --batch_size x "
-                              "--max_len on the mesh and print the memory per device; reads no tensor")
     args = p.parse_args(argv)
     if not args.dry_run and args.prompt is None and args.prompt_file is None:
         p.error("one of the arguments --prompt --prompt_file is required (or --dry_run)")

@@ -22,15 +22,13 @@ import sys
 import time
 
 from dsv3_jax.errors import ConfigError, UserError
+from dsv3_jax.infer.args import add_model_args
 
 
 # ---- arguments ----------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dsv3-serve", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="WORKDIR", help="a training run's workdir")
-    src.add_argument("--hf_checkpoint", metavar="DIR", help="an HF-format directory (config.json, "
-                     "safetensors, tokenizer.json)")
+    add_model_args(p)  # --checkpoint / --hf_checkpoint and the weights and devices, as infer.py
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served_model_name", default=None,
@@ -47,12 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
-    weights = p.add_argument_group("weights and devices (as infer.py)")
-    weights.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    weights.add_argument("--keep_fp8", action="store_true")
-    weights.add_argument("--mesh", metavar="D,P,E", default=None)
-    weights.add_argument("--num_cpu_devices", type=int, default=None)
-    weights.add_argument("--attn_impl", default=None)
     args = p.parse_args(argv)
     for name in ("slots", "steps_per_dispatch"):
         if getattr(args, name) < 1:
