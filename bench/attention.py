@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
@@ -28,18 +26,9 @@ import numpy as np  # noqa: E402
 from dsv3_jax import preset  # noqa: E402
 from dsv3_jax.attention import reference_attention  # noqa: E402
 from dsv3_jax.flash_attention import FlashTuning, blockwise_attention  # noqa: E402
+from prefill import timed  # noqa: E402  (bench/prefill.py: the median of warm runs)
 
 MIB = 2 ** 20
-
-
-def timed(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def forward_backward(attn, mask, scale):
