@@ -33,13 +33,22 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.context import Context
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.layers import MLP, RMSNorm
-from dsv3_jax.mla import MLA
-from dsv3_jax.moe import MoE, MoEStats
+from dsv3_jax.mla import ATTN_OUT, MLA
+from dsv3_jax.moe import MOE_OUT, MoE, MoEStats
+from dsv3_jax.parallel.vma import vary_like
 
-REMAT = {
+_CP = jax.checkpoint_policies
+REMAT = {  # ModelConfig.remat -> the policy of the layer's jax.checkpoint (config.REMAT_POLICIES)
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _CP.nothing_saveable,
+    "save_dots": _CP.dots_with_no_batch_dims_saveable,
+    # keep each layer's attention output and MoE output (checkpoint_name'd in mla.py / moe.py),
+    # recompute everything else (norms, projections, SwiGLU, the attention core, the EP transfers)
+    "save_attn_moe": _CP.save_only_these_names(ATTN_OUT, MOE_OUT),
+    # the same two values kept in host memory instead (backends with a pinned_host memory space)
+    "offload_attn_moe": _CP.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(ATTN_OUT, MOE_OUT),
+        offload_src="device", offload_dst="pinned_host"),
 }
 MICRO = ("mb0", "mb1")  # named scopes of the two overlapped halves: the HLO test finds their ops by them
 
@@ -102,16 +111,17 @@ class BlockStack(nnx.Module):
         self.remat = cfg.remat
 
     def __call__(self, x: jax.Array, ctx: Context, cache: LatentCache | None = None, *,
-                 form: str = "expanded", overlap: bool = False):
+                 form: str = "expanded", overlap: bool = False, active: jax.Array | None = None):
         """x [B,S,D] -> x [B,S,D], per-layer MoEStats [L] (None for dense layers), the stack's cache
-        [L,B,T,...] with the S new latents written in every layer."""
+        [L,B,T,...] with the S new latents written in every layer.
+
+        active [L] bool (a pipeline stage's slots, train/stages.py): layers where it is False are
+        skipped, their stats zero."""
         if overlap and (cache is not None or x.shape[0] % 2):
             raise ConfigError(f"overlap: two micro-batches need an even batch (got {x.shape[0]}) and no cache")
         graphdef, state = nnx.split(self.blocks)
 
-        def body(carry, xs):
-            h, c = carry
-            layer_state, layer = xs
+        def layer_step(h, c, layer_state, layer):
             block = nnx.merge(graphdef, layer_state)
             if not overlap:
                 h, stats, c = block(h, ctx, c, layer, form=form)
@@ -123,11 +133,21 @@ class BlockStack(nnx.Module):
             (ha, sa, _), (hb, sb, _) = outs
             return ((ha, hb), c), (None if sa is None else sa.combine(sb))
 
+        def body(carry, xs):
+            layer_state, layer = xs
+            if active is None:
+                return layer_step(*carry, layer_state, layer)
+            stats = jax.eval_shape(layer_step, *carry, layer_state, layer)[1]
+            zeros = lambda: vary_like(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats),  # noqa: E731
+                                      carry, layer_state)
+            skip = lambda: (carry, zeros())  # noqa: E731
+            return jax.lax.cond(active[layer], lambda: layer_step(*carry, layer_state, layer), skip)
+
         if REMAT[self.remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[self.remat])
         if overlap:
             halves = tuple(jax.tree.map(lambda v, i=i: split_pair(v)[i], ctx) for i in (0, 1))
             x = split_pair(x)
-        n = jax.tree.leaves(state)[0].shape[0]  # a pipeline stage holds L / P of the n layers
+        n = jax.tree.leaves(state)[0].shape[0]  # a pipeline stage holds its own slots of the stack
         (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
         return (join_pair(*x) if overlap else x), stats, cache

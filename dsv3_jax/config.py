@@ -22,7 +22,7 @@ from typing import Any
 from dsv3_jax.errors import ConfigError, check_field_types
 
 SCORE_FUNCS = ("sigmoid", "softmax")
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_moe", "offload_attn_moe")  # block.REMAT
 DTYPES = ("float32", "bfloat16")
 
 
@@ -76,6 +76,11 @@ class ModelConfig:
     ep_combine: str = "bf16"  # "bf16", "fp32", "logfmtN" (LogFMT-nBit, 3 <= N <= 16)
     ep_capacity_factor: float = 0.0
     ep_transport: str = "all_to_all"  # or "ragged_all_to_all" (GPU/TPU; XLA:CPU lacks it)
+    # the received [X, U] slots go through the local experts in this many sequential chunks of
+    # source shards (must divide the EP degree; 0: one chunk per source shard), each recomputed in
+    # the backward: the expert-side temporaries are one chunk's U J rows per source instead of
+    # X U J (dropless: X N J). 1: one pass over all slots.
+    ep_chunks: int = 1
     # FP8 (V3 report §3.3). fp8: the linear layers run Fprop/Dgrad/Wgrad as block-scaled FP8 GEMMs;
     # fp8_weights: weights *stored* as e4m3 + 128x128 scales (DeepSeek's FP8 checkpoints, inference).
     # Embedding, head, gate, norms and the attention core stay in higher precision either way.
@@ -150,6 +155,8 @@ class ModelConfig:
             bad("ep_combine", "expected 'bf16', 'fp32' or 'logfmtN' with 3 <= N <= 16")
         if self.ep_capacity_factor < 0:
             bad("ep_capacity_factor", "expected >= 0 (0: worst-case capacity, nothing dropped)")
+        if self.ep_chunks < 0:
+            bad("ep_chunks", "expected >= 0 (0: one chunk per source shard, 1: no chunking)")
         if self.ep_transport not in ("all_to_all", "ragged_all_to_all"):
             bad("ep_transport", "expected 'all_to_all' or 'ragged_all_to_all'")
         if self.fp8_act_scale not in ("float", "ue8m0"):

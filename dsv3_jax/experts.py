@@ -19,6 +19,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import fp8_kernel, fp8_weight, normal_param
+from dsv3_jax.parallel.vma import varying_axes
 from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
 
@@ -59,6 +60,13 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
         return fp8_grouped_matmul(aq, as_, w, scale, group_sizes, jnp.float32).astype(dtype)
     if impl.startswith("fp8"):  # no grouped Mosaic GPU kernel yet: "mosaic_gpu" means "auto" here
         kernel = fp8_kernel(impl)
+        # Inside a shard_map the rows may vary over mesh axes the weight does not (EP: tokens split
+        # over `data`, experts replicated over it). The custom VJP computes dW from the rows, so
+        # the weight enters varying like them; the transpose of that cast sums dW over those
+        # axes, as it does for a plain matmul.
+        missing = tuple(sorted(varying_axes(a) - varying_axes(w)))
+        if missing:
+            w = jax.lax.pcast(w, missing, to="varying")
         return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes,
                                   "auto" if kernel == "mosaic_gpu" else kernel)
     if impl == "tiled":

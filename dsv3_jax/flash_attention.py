@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel.vma import vary_like
 from pallas_kernels.common import cdiv
 
 # Hidden scores: finite, so a tile whose rows see nothing yet gives exp(0) and never 0/0 or inf - inf;
@@ -167,20 +168,6 @@ def _blockwise(q, k, v, mask, scale, bq, bk):
     return _forward(q, k, v, mask, scale, bq, bk)[0]
 
 
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes x varies over (jax 0.12 keeps them in the aval's `mat`, 0.11 in `vma`)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def _vary(tree, *refs):
-    """Make fresh loop carries vary over the manual mesh axes of `refs` (inside a shard_map, a scan
-    or cond whose body reads varying inputs must start from a varying carry; outside, a no-op)."""
-    axes = tuple(sorted(set().union(*(_varying_axes(r) for r in refs))))
-    return jax.tree.map(lambda x: lax.pcast(x, axes, to="varying"), tree) if axes else tree
-
-
 def _forward(q, k, v, mask, scale, bq, bk):
     """-> out [B,Sp,H,Dv] in q's dtype, lse [B,Sp,H] float32."""
     B, Sp, H, _ = q.shape
@@ -202,7 +189,7 @@ def _forward(q, k, v, mask, scale, bq, bk):
         def kv_step(carry, j):
             return lax.cond(live[i, j], functools.partial(visit, j), lambda c: c, carry), None
 
-        init = _vary((jnp.full((B, bq, H), MASKED, F32), jnp.zeros((B, bq, H), F32),
+        init = vary_like((jnp.full((B, bq, H), MASKED, F32), jnp.zeros((B, bq, H), F32),
                       jnp.zeros((B, bq, H, v.shape[-1]), F32)), q, k, v, mask)
         (m, l, acc), _ = lax.scan(kv_step, init, jnp.arange(live.shape[1]))
         l = jnp.where(l > 0, l, 1.0)  # every tile of this block skipped: rows replaced by _fill_empty_rows
@@ -242,11 +229,11 @@ def _blockwise_bwd(scale, bq, bk, res, d_out):
         def q_step(carry, i):
             return lax.cond(live[i, j], functools.partial(visit, i), lambda c: c, carry), None
 
-        init = (dq, *_vary((jnp.zeros(k_j.shape, F32), jnp.zeros(v_j.shape, F32)), q, k, v, mask, d_out))
+        init = (dq, *vary_like((jnp.zeros(k_j.shape, F32), jnp.zeros(v_j.shape, F32)), q, k, v, mask, d_out))
         (dq, dk, dv), _ = lax.scan(q_step, init, jnp.arange(live.shape[0]))
         return dq, (dk, dv)
 
-    dq0 = _vary(jnp.zeros(q.shape, F32), q, k, v, mask, d_out)
+    dq0 = vary_like(jnp.zeros(q.shape, F32), q, k, v, mask, d_out)
     dq, (dk, dv) = lax.scan(kv_block, dq0, jnp.arange(live.shape[1]))
     return dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype), None
 

@@ -47,6 +47,9 @@ from dsv3_jax.rope import apply_rope
 from pallas_kernels import dequantize_weight_128x128
 
 FORMS = ("expanded", "absorbed")
+# checkpoint_name of the block's attention output (after wo): what the "save_attn_moe" remat
+# policies keep (block.REMAT)
+ATTN_OUT = "attn_out"
 # The latent norms' eps is fixed, not rms_norm_eps: DeepSeek's reference and transformers build them
 # with the RMSNorm default (it matters where rms_norm_eps differs, e.g. Moonlight's 1e-5).
 LATENT_NORM_EPS = 1e-6
@@ -129,4 +132,5 @@ class MLA(nnx.Module):
             out = jnp.einsum("bshc,hoc->bsho", o_latent, w_uv)  # [B,S,H,O]
         else:
             raise ConfigError(f"MLA form={form!r}: expected one of {FORMS}")
-        return self.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim)), cache
+        y = self.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim))
+        return jax.ad_checkpoint.checkpoint_name(y, ATTN_OUT), cache

@@ -77,19 +77,22 @@ class Transformer(nnx.Module):
         return [s for s in (getattr(self, name) for name in STACKS) if s is not None]
 
     def trunk(self, h: jax.Array, ctx: Context, caches: tuple[LatentCache, ...] | None = None, *,
-              form: str = "expanded", overlap: bool = False, only: str | None = None):
+              form: str = "expanded", overlap: bool = False, only: str | None = None,
+              active: jax.Array | None = None):
         """h [B,S,D] (embedded tokens) through the dense then MoE stacks -> h [B,S,D] before the final
         norm, MoEStats [L_moe] (None without MoE layers), caches (one per stack, as `Cache.layers`).
 
-        `only` runs one stack ("dense_layers" or "moe_layers"): a pipeline stage's range.
+        `only` runs one stack ("dense_layers" or "moe_layers"): a pipeline stage's range; `active`
+        [L_moe] bool skips the MoE stack's spare slots (train/stages.py).
         """
         stacks = self.stacks()
         caches = (None,) * len(stacks) if caches is None else caches
         new, stats = [], None
         for stack, cache in zip(stacks, caches, strict=True):
             if only is None or stack is getattr(self, only):
-                h, st, cache = stack(h, ctx, cache, form=form, overlap=overlap)
-                stats = st if stack is self.moe_layers else stats
+                moe = stack is self.moe_layers
+                h, st, cache = stack(h, ctx, cache, form=form, overlap=overlap, active=active if moe else None)
+                stats = st if moe else stats
             new.append(cache)
         return h, stats, tuple(new)
 

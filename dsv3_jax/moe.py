@@ -36,6 +36,11 @@ from dsv3_jax.layers import MLP, normal_param
 from dsv3_jax.parallel.ep import moe_ep
 
 
+# checkpoint_name of the MoE layer's output (routed + shared): what the "save_attn_moe" remat
+# policies keep (block.REMAT)
+MOE_OUT = "moe_out"
+
+
 class RouterBias(nnx.Variable):
     """e_score_correction_bias [E]: selection-only bias, updated outside the gradient."""
 
@@ -160,6 +165,7 @@ class MoE(nnx.Module):
         y, ep = self.routed(flat, weights, indices)
         if cfg.n_shared_experts:
             y = y + self.shared_experts(flat)
+        y = jax.ad_checkpoint.checkpoint_name(y, MOE_OUT)
         stats = MoEStats(
             load=expert_load(indices, cfg.n_routed_experts),
             balance=sequence_balance_loss(scores.reshape(B, S, -1), indices.reshape(B, S, -1),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.block import Block
+from dsv3_jax.block import REMAT, Block
 from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.context import Context
@@ -39,13 +39,24 @@ class MTPModule(nnx.Module):
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, impl=cfg.linear_impl)
         self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
         self.norm = RMSNorm(cfg.dim, "embed", **norm)
+        self.remat = cfg.remat
 
     def __call__(self, h_prev: jax.Array, emb_next: jax.Array, ctx: Context, cache: LatentCache | None = None,
                  *, form: str = "expanded"):
         """h_prev, emb_next [B,S,D] -> h [B,S,D] (before `norm`), the block's MoE stats, its cache
         (one layer: L = 1)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-        return self.block(x, ctx, cache, 0, form=form)
+        if cache is not None or REMAT[self.remat] is None:
+            return self.block(x, ctx, cache, 0, form=form)
+        # Training: the block is rematerialised under the same policy as the scanned layers (else
+        # its whole activation set, the EP buffers of its MoE layer included, waits for the
+        # backward on the last pipeline stage, where the head's gradients already peak).
+        graphdef, state = nnx.split(self.block)
+
+        def run(state, x):
+            return nnx.merge(graphdef, state)(x, ctx, None, 0, form=form)
+
+        return jax.checkpoint(run, policy=REMAT[self.remat])(state, x)
 
 
 def tokens_ahead(tokens: jax.Array, positions: jax.Array, k: int) -> jax.Array:

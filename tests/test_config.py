@@ -134,6 +134,7 @@ MODEL_RULES = [
     ("ep_combine", {"ep_combine": "logfmt17"}),
     ("ep_capacity_factor", {"ep_capacity_factor": -1.0}),
     ("ep_transport", {"ep_transport": "nccl"}),
+    ("ep_chunks", {"ep_chunks": -1}),
     ("fp8_kernel", {"fp8_kernel": "triton"}),
     ("fp8_act_scale", {"fp8_act_scale": "e8m0"}),  # only float or ue8m0 (V3.1) scales
     ("attn_impl", {"attn_impl": "flash"}),
@@ -196,6 +197,7 @@ RUN_RULES = [
     *[(TrainConfig, f, {f: -1}) for f in ("eval_batches", "sample_tokens")],  # 0: none
     (TrainConfig, "pipeline_schedule", {"pipeline_schedule": "zb"}),
     (TrainConfig, "pipeline_microbatches", {"pipeline_microbatches": -1}),
+    (TrainConfig, "pipeline_stage_layers", {"pipeline_stage_layers": (4, -1)}),
 ]
 
 

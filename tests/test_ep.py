@@ -9,7 +9,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.experts import routed_experts
 from dsv3_jax.moe import route
 from dsv3_jax.parallel import wire
-from dsv3_jax.parallel.ep import capacity, max_shards_per_token, moe_ep
+from dsv3_jax.parallel.ep import capacity, max_shards_per_token, moe_ep, slot_dtype
 from dsv3_jax.sharding import make_mesh
 
 E, D, F, N = 16, 128, 32, 64
@@ -126,7 +126,7 @@ def test_moe_impl_ep_needs_a_mesh_in_context(problem):
 def test_ep_config_validation_names_the_field():
     for kw, field in [(dict(moe_impl="ep2"), "moe_impl"), (dict(ep_dispatch="fp4"), "ep_dispatch"),
                       (dict(ep_combine="logfmt2"), "ep_combine"), (dict(ep_capacity_factor=-1.0), "ep_capacity_factor"),
-                      (dict(ep_transport="nccl"), "ep_transport")]:
+                      (dict(ep_transport="nccl"), "ep_transport"), (dict(ep_chunks=-1), "ep_chunks")]:
         with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
             ModelConfig(**kw)
 
@@ -150,6 +150,70 @@ def test_ragged_all_to_all_equals_fixed_capacity_on_accelerators(problem):
     assert _rel(y, y_ref) < 1e-5
     for a, b in zip(g, g_ref):
         assert _rel(a, b) < 1e-5
+
+
+# ---- memory: chunked expert side, BF16 slots, FP8 expert GEMMs ------------------------------
+@pytest.mark.parametrize("chunks", [0, 2], ids=["per_source", "two_chunks"])
+@pytest.mark.parametrize("factor", [0.0, 0.5], ids=["dropless", "capacity"])
+def test_chunked_expert_slots_equal_one_pass(problem, chunks, factor):
+    """ep_chunks scans the received slots in chunks of source shards, each recomputed in the
+    backward: the output and d/dx, d/dgates are the one-pass values bit for bit (each row's
+    arithmetic is unchanged); the weight gradients add the chunks' partial sums in another
+    order. Dropless stays dropless."""
+    cfg = CFG.replace(ep_capacity_factor=factor)
+    y1, s1, g1 = _ep(problem, (1, 1, 8), cfg)
+    y, s, g = _ep(problem, (1, 1, 8), cfg.replace(ep_chunks=chunks))
+    np.testing.assert_array_equal(y, y1)
+    for a, b in zip(g[:2], g1[:2]):  # d/dx, d/dgate weights
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(g[2:], g1[2:]):  # d/dw1, d/dw2
+        assert _rel(a, b) < 1e-6
+    assert int(s["ep_dropped"]) == int(s1["ep_dropped"]) and (factor > 0 or int(s["ep_dropped"]) == 0)
+
+
+def test_chunked_bf16_weight_gradients_sum_in_f32(problem):
+    """BF16 weights enter the chunk scan in f32, so their gradient sums over the chunks in f32:
+    it stays within one BF16 rounding of the one-pass gradient."""
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", ep_dispatch="fp8", ep_combine="bf16")
+    p16 = tuple(a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and i in (0, 3, 4, 5) else a
+                for i, a in enumerate(problem))
+    y1, _, g1 = _ep(p16, (1, 1, 8), cfg)
+    y, _, g = _ep(p16, (1, 1, 8), cfg.replace(ep_chunks=0))
+    np.testing.assert_array_equal(y, y1)
+    for a, b in zip(g[2:], g1[2:]):
+        assert a.dtype == jnp.bfloat16 and _rel(a.astype(jnp.float32), b.astype(jnp.float32)) < 2 ** -6
+
+
+def test_slots_are_bf16_where_both_wire_formats_are():
+    """The expert side hands the combine BF16 slots when nothing finer travels either way (BF16
+    combine, FP8 or BF16 gradient): the same values as rounding f32 slots on the wire."""
+    bf = CFG.replace(dtype="bfloat16")
+    assert slot_dtype(bf.replace(ep_dispatch="fp8", ep_combine="bf16")) == jnp.bfloat16
+    assert slot_dtype(bf.replace(ep_dispatch="bf16", ep_combine="bf16")) == jnp.bfloat16
+    for d, c in [("fp32", "bf16"), ("fp8", "fp32"), ("fp8", "logfmt10")]:
+        assert slot_dtype(bf.replace(ep_dispatch=d, ep_combine=c)) == jnp.float32
+    assert slot_dtype(CFG) == jnp.float32
+
+
+@pytest.mark.parametrize("chunks", [1, 0], ids=["one_pass", "chunked"])
+def test_fp8_expert_gemms_under_expert_parallelism(problem, chunks):
+    """ModelConfig.fp8 with moe_impl='ep': the FP8 grouped GEMMs inside the EP shard_map (their
+    weight gradient once varied over no mesh axis and failed the custom_vjp's type check). Against
+    the same FP8 GEMMs on one device: the forward and d/dx quantize the same rows the same way;
+    Wgrad's 128-token tiles group other rows on other devices (FP8-level differences)."""
+    y_ref, _, g_ref = _value_and_grads(
+        lambda *a: (routed_experts(*a, dtype=jnp.float32, impl="fp8"), {}), problem)
+    cfg = CFG.replace(fp8=True, ep_chunks=chunks)
+    with jax.set_mesh(make_mesh(1, 1, 8)):  # MoE.routed passes impl=cfg.linear_impl ("fp8")
+        y, _, g = _value_and_grads(lambda *a: moe_ep(*a, cfg=cfg, impl=cfg.linear_impl), problem)
+    assert _rel(y, y_ref) < 1e-5 and _rel(g[0], g_ref[0]) < 1e-5 and _rel(g[1], g_ref[1]) < 1e-5
+    for a, b in zip(g[2:], g_ref[2:]):
+        assert _rel(a, b) < 0.1
+
+
+def test_chunks_must_divide_the_expert_degree(problem):
+    with pytest.raises(ValueError, match="ModelConfig.ep_chunks=3 must divide the expert-parallel degree 8"):
+        _ep(problem, (1, 1, 8), CFG.replace(ep_chunks=3))
 
 
 # ---- wire formats ---------------------------------------------------------------------------

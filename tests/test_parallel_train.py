@@ -158,8 +158,10 @@ def test_full_pipelined_step_with_zero1_equals_single_device(setup):
 
 
 def test_layout_errors_name_the_problem():
-    with pytest.raises(ValueError, match="must divide the 4 MoE layers"):
-        pipeline.check_pipeline_layout(CFG, 3, 2, 4)
+    with pytest.raises(ValueError, match="pipeline_stage_layers"):
+        pipeline.check_pipeline_layout(CFG, 2, 2, 4, stage_layers=(1, 2))  # 3 != 4 MoE layers
+    with pytest.raises(ValueError, match="dualpipev needs at least"):
+        pipeline.check_pipeline_layout(CFG, 2, 2, 4, schedule="dualpipev")
     with pytest.raises(ValueError, match="pipeline_microbatches=3"):
         pipeline.check_pipeline_layout(CFG, 2, 3, 4)
     with pytest.raises(ValueError, match="moe_impl='ep'"):

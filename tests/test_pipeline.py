@@ -21,7 +21,7 @@ COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_pass
 def test_schedule_tables_and_bubbles(P, M):
     g = pipeline.schedule_table("gpipe", P, M)
     f = pipeline.schedule_table("1f1b", P, M)
-    assert g.shape == (P, M + P - 1, 2) and f.shape == (P, M + 2 * P - 2, 2)
+    assert g.shape == (P, M + P - 1, 3) and f.shape == (P, M + 2 * P - 2, 3)  # F, B, W slots
     for table in (g, f):  # every stage runs every micro-batch once forward (and once backward)
         np.testing.assert_array_equal(table[..., 0].sum(1), M)
     np.testing.assert_array_equal(f[..., 1].sum(1), M)
@@ -66,3 +66,61 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     # 1F1B's stash is a ring of 2P-1 inputs whatever M is
     assert growth["gpipe"] >= 8 * x_bytes, growth
     assert growth["1f1b"] < x_bytes, growth
+
+
+def _uneven(schedule, mesh_shape, n_layers, M):
+    """A pipelined step over an uneven slot layout against the single-device step: loss, MTP and
+    balance losses, gradients (brought back to layer order), loads."""
+    from dsv3_jax.train import stages as st
+    from dsv3_jax.train.step import loss_fn
+    cfg = preset("tiny", n_layers=n_layers, vocab_size=128, max_seq_len=32, moe_impl="ep",
+                 ep_dispatch="fp32", ep_combine="fp32")
+    _, params, biases = split_model(Transformer(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0))))
+    biases = jax.tree.map(lambda b: b + 0.01 * jax.random.normal(jax.random.key(3), b.shape), biases)
+    toks = jax.random.randint(jax.random.key(1), (M * mesh_shape[0] * mesh_shape[2], 17), 0, cfg.vocab_size)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)(
+        params, biases, ref_graphdef, batch["inputs"], batch["targets"], 0.3, 1e-2)
+    mesh = make_mesh(*mesh_shape)
+    layout = pipeline.stage_layout(cfg, mesh_shape[1], schedule)
+    sp, sb = st.to_slots(params, layout), st.to_slots(biases, layout)
+    sp = jax.device_put(sp, sharding.state_shardings(sp, mesh))
+    sb = jax.device_put(sb, sharding.state_shardings(sb, mesh))
+    tb = jax.device_put(batch, batch_sharding(mesh, batch["inputs"].shape))
+    f = pipeline.make_loss_and_grads(graphdef, cfg, mesh, schedule=schedule, microbatches=M, alpha=1e-2,
+                                     layout=layout)
+    with jax.set_mesh(mesh):
+        got_loss, got, got_grads = jax.jit(f).lower(sp, sb, tb, 0.3).compile(COMPILE)(sp, sb, tb, 0.3)
+    assert not layout.identity  # the slots really are uneven / V-shaped
+    assert float(got_loss) == pytest.approx(float(loss), rel=1e-5)
+    for k in ("mtp_loss", "balance_loss"):
+        assert float(got[k]) == pytest.approx(float(aux[k]), rel=1e-5), k
+    errs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30)),
+                        st.from_slots(got_grads, layout), grads)
+    assert max(jax.tree.leaves(errs)) < 1e-5
+    np.testing.assert_array_equal(got["load"], aux["load"])
+    np.testing.assert_array_equal(got["pipeline_activity"], pipeline.schedule_table(schedule, mesh_shape[1], M))
+    return layout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,mesh_shape,n_layers,M", [
+    ("1f1b", (1, 4, 2), 6, 2),  # 1 dense + 5 MoE layers over 4 stages
+    ("dualpipev", (1, 4, 2), 6, 8),  # 5 MoE layers over 8 stages
+])
+def test_uneven_stages_and_dualpipev_equal_single_device(schedule, mesh_shape, n_layers, M):
+    layout = _uneven(schedule, mesh_shape, n_layers, M)
+    assert layout.chunks == pipeline.CHUNKS[schedule] and layout.n_layers == n_layers - 1
+
+
+def test_balanced_split_counts_embedding_head_and_mtp():
+    """V3 on PP16: embedding + 3 dense on stage 0, 4 MoE layers on stages 1-14, 2 + head + MTP last."""
+    from dsv3_jax.train import stages as st
+    v3 = preset("v3_671b")
+    assert st.balanced(v3, 16) == (0,) + (4,) * 14 + (2,)
+    layout = st.make_layout(v3, 16)
+    assert layout.n_layers == 58 and layout.slots == 4 and not layout.identity
+    with pytest.raises(ValueError, match="pipeline_stage_layers"):
+        st.make_layout(v3, 16, 1, (4,) * 16)  # 64 != 58

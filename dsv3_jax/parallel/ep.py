@@ -15,18 +15,23 @@ One MoE layer on one device, inside `jax.shard_map` (V3 report §3.2.2, ISCA '25
      token order; slots past a destination's count are padding. U defaults to N (the worst case:
      every token goes to every shard), so nothing is ever dropped, as DeepSeek trains. With
      `ep_capacity_factor` > 0, U = ceil(factor * N * reach / X) and overflow is counted in
-     `dropped` (token-shard pairs whose expert outputs are lost).
+     `dropped` (token-shard pairs whose expert outputs are lost). The buffer is built from the
+     N rows already encoded for the wire (the formats are row-wise), never in the compute dtype.
   3. dispatch: `lax.all_to_all` of the buffer (portable; XLA:CPU has no ragged-all-to-all), or
      `lax.ragged_all_to_all` with the same layout that sends only the filled slots (GPU/TPU).
      Activations travel in `ep_dispatch` format (default FP8 E4M3 with pow2 1x128 scales).
   4. local experts: the received slots expand to [X U J] rows, sorted by local expert, through
      `experts.routed_experts` (the same grouped GEMMs as the local path); each slot's rows are summed
      with their gate weights on the expert side, so the combine sends one vector per token-shard.
-  5. combine: the reverse all-to-all in `ep_combine` format (default BF16, or LogFMT-n), then a
-     scatter-add of each shard's partial output onto the token.
-Both transfers are `custom_vjp`s: the backward of dispatch moves gradients in the combine format
-and the backward of combine in the dispatch format (DeepSeek: backward combine BF16, the gradient
-before the down-projection FP8).
+     With `ep_chunks` != 1 this runs as a scan over chunks of source shards, each chunk
+     rematerialised in the backward: dropless (U = N) costs X N J rows of workspace in one pass,
+     U J per source in chunks.
+  5. combine: the reverse all-to-all in `ep_combine` format (default BF16: the slots leave the
+     expert side in BF16 when no wire format is finer, `slot_dtype`), then a float32 scatter-add
+     of each shard's partial output onto the token.
+Both transfers are `custom_vjp`s (`dispatch`, `combine`): the backward of dispatch moves gradients
+in the combine format and the backward of combine in the dispatch format (DeepSeek: backward
+combine BF16, the gradient before the down-projection FP8).
 
 The mesh comes from the ambient context: inside a `shard_map` that already made the expert axis
 manual (the pipeline), the layer runs directly on local arrays; otherwise it opens its own
@@ -92,26 +97,66 @@ def _move(payload, axis, sizes):
     return tuple(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def transfer(x, sizes, fwd_fmt: str, bwd_fmt: str, axis: str):
-    """All-to-all x [X, U, D] in `fwd_fmt`; its gradient travels back in `bwd_fmt`.
-
-    sizes: None for the fixed-capacity all_to_all, or (send [X], recv [X]) int32 slot counts for
-    ragged_all_to_all.
-    """
-    return wire.decode(_move(wire.encode(x, fwd_fmt), axis, sizes), fwd_fmt, x.dtype)
+def _reverse(sizes):
+    return None if sizes is None else (sizes[1], sizes[0])
 
 
-def _transfer_fwd(x, sizes, fwd_fmt, bwd_fmt, axis):
-    return transfer(x, sizes, fwd_fmt, bwd_fmt, axis), sizes
+def _slots(payload, slot_token):
+    """Token rows -> the [X, U, ...] send buffer: slot (r, u) holds row slot_token[r, u]."""
+    return tuple(p[slot_token] for p in payload)
 
 
-def _transfer_bwd(fwd_fmt, bwd_fmt, axis, sizes, ct):
-    back = None if sizes is None else (sizes[1], sizes[0])
-    return wire.decode(_move(wire.encode(ct, bwd_fmt), axis, back), bwd_fmt, ct.dtype), None
+# The two transfers are custom_vjps over token rows [N+1, D] (row N: zeros, the empty slots' row)
+# and the slot table, not over a gathered [X, U, D] buffer: every wire format encodes row by row
+# (1x128 tiles along D), so encoding the N+1 rows and then gathering the payload into slots gives
+# the same bytes as gathering first, without the [X, U, D] copy in the compute dtype and its f32
+# quantization workspace (dropless: X N rows). The gradient of the combine is gathered the same
+# way, already in FP8. sizes: None for the fixed-capacity all_to_all, or (send [X], recv [X])
+# int32 slot counts for ragged_all_to_all. The empty residuals x[:, :0] / y[:0] carry dtype, row
+# count and varying axes (a fresh jnp.zeros would vary over no mesh axis inside a shard_map).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def dispatch(x, slot_token, sizes, fwd_fmt: str, bwd_fmt: str, axis: str):
+    """Token rows x [N+1, D] -> the slots this shard receives [X, U, D] in x.dtype, moved in
+    `fwd_fmt`; the gradient travels back in `bwd_fmt` and is summed onto the rows in x.dtype."""
+    return wire.decode(_move(_slots(wire.encode(x, fwd_fmt), slot_token), axis, sizes), fwd_fmt, x.dtype)
 
 
-transfer.defvjp(_transfer_fwd, _transfer_bwd)
+def _dispatch_fwd(x, slot_token, sizes, fwd_fmt, bwd_fmt, axis):
+    return dispatch(x, slot_token, sizes, fwd_fmt, bwd_fmt, axis), (slot_token, sizes, x[:, :0])
+
+
+def _dispatch_bwd(fwd_fmt, bwd_fmt, axis, res, ct):
+    slot_token, sizes, like = res
+    g = wire.decode(_move(wire.encode(ct, bwd_fmt), axis, _reverse(sizes)), bwd_fmt, like.dtype)
+    D = ct.shape[-1]
+    dx = jnp.zeros_like(like, shape=(like.shape[0], D)).at[slot_token.reshape(-1)].add(g.reshape(-1, D))
+    return dx, None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def combine(y, slot_token, sizes, n_rows: int, fwd_fmt: str, bwd_fmt: str, axis: str):
+    """This shard's outputs per received slot y [X, U, D] -> [n_rows, D] f32 on the source shards:
+    moved in `fwd_fmt` (sizes as the forward move sees them), each slot added onto its token row
+    in f32. The gradient leaves the f32 rows in `bwd_fmt` (one rounding) and arrives as y.dtype."""
+    back = wire.decode(_move(wire.encode(y, fwd_fmt), axis, sizes), fwd_fmt, jnp.float32)
+    D = y.shape[-1]
+    return jnp.zeros_like(back, shape=(n_rows, D)).at[slot_token.reshape(-1)].add(back.reshape(-1, D))
+
+
+def _combine_fwd(y, slot_token, sizes, n_rows, fwd_fmt, bwd_fmt, axis):
+    return combine(y, slot_token, sizes, n_rows, fwd_fmt, bwd_fmt, axis), (slot_token, sizes, y[:0])
+
+
+def _combine_bwd(n_rows, fwd_fmt, bwd_fmt, axis, res, ct):
+    slot_token, sizes, like = res
+    g = _move(_slots(wire.encode(ct, bwd_fmt), slot_token), axis, _reverse(sizes))
+    return wire.decode(g, bwd_fmt, like.dtype), None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,23 +207,67 @@ def moe_ep_local(x, weights, indices, w1, w2, w3, *, cfg: ModelConfig, impl: str
     cap = capacity(cfg, N, ep)
     plan = dispatch_plan(indices, weights, ep=ep, n_local=El, cap=cap)
     x_pad = jnp.concatenate([x.astype(dtype), jnp.zeros((1, D), dtype)])
-    send = x_pad[plan["slot_token"]]  # [X,U,D]
     recv_counts = lax.all_to_all(plan["counts"], EXPERT_AXIS, 0, 0, tiled=True)
     sizes = (plan["counts"], recv_counts) if cfg.ep_transport == "ragged_all_to_all" else None
     meta = lambda a: lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)  # noqa: E731  (ids, gates: tiny)
-    got = transfer(send, sizes, cfg.ep_dispatch, cfg.ep_combine, EXPERT_AXIS)
+    got = dispatch(x_pad, plan["slot_token"], sizes, cfg.ep_dispatch, cfg.ep_combine, EXPERT_AXIS)  # [X,U,D]
     valid = jnp.arange(cap)[None, :] < recv_counts[:, None]  # [X,U]: padding slots carry nothing
     ids = jnp.where(valid[..., None], meta(plan["ids"]), El)
     # each slot's expert outputs summed with their gate weights on the expert side: one vector
     # per (token, shard) goes back
-    y_slots = routed_experts(got.reshape(ep * cap, D), meta(plan["gates"]).reshape(ep * cap, -1),
-                             ids.reshape(ep * cap, -1), w1, w2, w3, dtype=dtype, impl=impl, scales=scales,
-                             pow2_scale=cfg.fp8_act_scale == "ue8m0").reshape(ep, cap, D)
-    back_sizes = None if sizes is None else (recv_counts, plan["counts"])
-    back = transfer(y_slots, back_sizes, cfg.ep_combine, cfg.ep_dispatch, EXPERT_AXIS)  # [X,U,D] f32
-    y = jnp.zeros((N + 1, D), jnp.float32).at[plan["slot_token"].reshape(-1)].add(back.reshape(-1, D))[:N]
+    y_slots = expert_slots(got, meta(plan["gates"]), ids, (w1, w2, w3), cfg=cfg, impl=impl, scales=scales)
+    y = combine(y_slots, plan["slot_token"], _reverse(sizes), N + 1, cfg.ep_combine, cfg.ep_dispatch,
+                EXPERT_AXIS)[:N]
     stats = {"ep_dropped": plan["dropped"], "ep_shards": plan["reach"].astype(jnp.float32).mean()}
     return y.astype(dtype), stats
+
+
+def slot_dtype(cfg: ModelConfig):
+    """dtype of the expert side's per-slot outputs: the compute dtype where both wire formats are
+    ones it holds exactly (BF16 combine; the gradient in FP8 with pow2 scales or BF16), as DeepSeek
+    combines in BF16, else float32 (fp32 and LogFMT wires see the same values as before)."""
+    exact = ("bf16", "fp8")
+    return jnp.dtype(cfg.dtype) if cfg.ep_combine in exact and cfg.ep_dispatch in exact else jnp.dtype(jnp.float32)
+
+
+def expert_chunks(cfg: ModelConfig, ep: int) -> int:
+    """How many sequential chunks of source shards the received slots are processed in."""
+    n = ep if cfg.ep_chunks == 0 else cfg.ep_chunks
+    if ep % n:
+        raise ConfigError(f"ModelConfig.ep_chunks={cfg.ep_chunks} must divide the expert-parallel degree {ep}")
+    return n
+
+
+def expert_slots(got, gates, ids, w, *, cfg: ModelConfig, impl: str, scales=(None,) * 3):
+    """The local experts on the received slots: got [X,U,D], gates [X,U,J] f32, ids [X,U,J] local
+    expert ids (El: none), w = (w1, w2, w3) local -> [X,U,D] in `slot_dtype`: each slot's expert
+    outputs summed with their gate weights.
+
+    With `ep_chunks` != 1, a scan over chunks of source shards, each chunk under `jax.checkpoint`:
+    the scan keeps no per-chunk residuals (its inputs are the slices of got, gates and ids) and
+    the backward recomputes one chunk at a time, so the sorted rows, the SwiGLU hidden state and
+    the grouped GEMMs' workspace exist for one chunk's U J rows per source only. Row by row the
+    arithmetic is that of one pass. Trainable weights enter the scan in f32 so that the gradient
+    sums over the chunks in f32 (as the one GEMM would), not in the weights' dtype.
+    """
+    X, U, D = got.shape
+    out_dtype = slot_dtype(cfg)
+
+    def chunk(x, g, i, *ws):
+        rows = x.shape[0] * U
+        y = routed_experts(x.reshape(rows, D), g.reshape(rows, -1), i.reshape(rows, -1), *ws,
+                           dtype=jnp.dtype(cfg.dtype), impl=impl, scales=scales,
+                           pow2_scale=cfg.fp8_act_scale == "ue8m0")
+        return y.astype(out_dtype).reshape(x.shape)
+
+    n = expert_chunks(cfg, X)
+    if n == 1:
+        return chunk(got, gates, ids, *w)
+    if scales[0] is None:  # e4m3-stored weights (inference) have no gradient and stay as stored
+        w = tuple(v.astype(jnp.float32) for v in w)
+    body = jax.checkpoint(lambda xs: chunk(*xs, *w), prevent_cse=False)
+    split = lambda a: a.reshape(n, X // n, *a.shape[1:])  # noqa: E731
+    return lax.map(body, (split(got), split(gates), split(ids))).reshape(X, U, D)
 
 
 def _batch_reduce(v, op):

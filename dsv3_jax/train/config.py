@@ -78,8 +78,9 @@ class TrainConfig:
     mtp_lambda_late: float = 0.1
     mtp_lambda_switch_step: int = -1  # lambda -> mtp_lambda_late from this step on; -1: never
     # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/train/pipeline.py)
-    pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff) or "1f1b" (manual vjp, O(stages) activations)
+    pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff), "1f1b" or "dualpipev" (manual vjp, O(stages) activations)
     pipeline_microbatches: int = 0  # per step; divides the per-device batch; 0: one per sequence of it
+    pipeline_stage_layers: tuple[int, ...] = ()  # MoE layers per stage (train/stages.py); (): balanced
     overlap_microbatches: bool = False  # the MoE stacks run as two interleaved halves (§2.3.1; block.py)
     # loop
     log_every: int = 1
@@ -103,7 +104,10 @@ class TrainConfig:
             _check(self, f, getattr(self, f) >= 0, "expected >= 0")
         for f in ("eval_batches", "sample_tokens"):
             _check(self, f, getattr(self, f) >= 0, "expected >= 0 (0: none)")
-        _check(self, "pipeline_schedule", self.pipeline_schedule in ("gpipe", "1f1b"), "expected 'gpipe' or '1f1b'")
+        _check(self, "pipeline_schedule", self.pipeline_schedule in ("gpipe", "1f1b", "dualpipev"),
+               "expected 'gpipe', '1f1b' or 'dualpipev'")
+        _check(self, "pipeline_stage_layers", all(isinstance(n, int) and n >= 0 for n in self.pipeline_stage_layers),
+               "expected non-negative MoE layer counts, one per pipeline stage")
         _check(self, "pipeline_microbatches", self.pipeline_microbatches >= 0, "expected >= 0 (0: automatic)")
 
     def gamma_at(self, step):
@@ -145,8 +149,9 @@ RUN = {
 }
 FREE = {
     "model": ("max_seq_len", "init_std", "remat", "moe_impl", "ep_dispatch", "ep_combine", "ep_transport",
-              "fp8_kernel", "attn_impl"),
-    "run": ("grad_accum", "seed", "pipeline_schedule", "pipeline_microbatches", "overlap_microbatches",
+              "ep_chunks", "fp8_kernel", "attn_impl"),
+    "run": ("grad_accum", "seed", "pipeline_schedule", "pipeline_microbatches", "pipeline_stage_layers",
+            "overlap_microbatches",
             "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
             "sample_tokens", "sample_prompt"),
     "mesh": ("data", "pipeline", "expert"),

@@ -51,7 +51,11 @@ def check_layout(model: ModelConfig, run: TrainConfig, mesh: MeshConfig, n_devic
             raise ConfigError(f"TrainConfig.grad_accum={run.grad_accum}: with MeshConfig.pipeline > 1 the "
                               "pipeline's micro-batches (TrainConfig.pipeline_microbatches) accumulate; use 1")
         pipeline.check_pipeline_layout(model, mesh.pipeline, run.pipeline_microbatches, run.batch_size // dp,
-                                       mesh.expert)
+                                       mesh.expert, run.pipeline_schedule, run.pipeline_stage_layers)
+        stages = pipeline.stage_layout(model, mesh.pipeline, run.pipeline_schedule, run.pipeline_stage_layers)
+        if not stages.identity:  # make_loss_and_grads runs it (tests/test_pipeline.py); the state does not yet
+            raise ConfigError(f"{stages}: train.py does not yet keep the train state in this slot layout "
+                              "(uneven stages or dualpipev); use an even split with gpipe/1f1b")
     elif mesh.pipeline > 1:
         return (f"MeshConfig.pipeline={mesh.pipeline} with expert={mesh.expert} needs "
                 f"ModelConfig.moe_impl='ep' for the pipeline schedules; moe_impl={model.moe_impl!r} runs the "

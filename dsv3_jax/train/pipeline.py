@@ -1,32 +1,38 @@
-"""Pipeline parallelism over the `pipeline` mesh axis: GPipe (autodiff) and a lockstep 1F1B (manual vjp).
+"""Pipeline parallelism over the `pipeline` mesh axis: GPipe (autodiff), and 1F1B and DualPipeV
+(manual vjp) from one table-driven executor.
 
-Shape letters (the package legend): P stages, M micro-batches, b sequences per micro-batch on a
-device, S sequence, D `dim`, L MoE layers (L/P per stage), Dm MTP depth, E experts, Tk ticks.
+Shape letters (the package legend): N ranks (devices on the pipeline axis), C chunks (stages per
+rank), M micro-batches, b sequences per micro-batch on a device, S sequence, D `dim`, Lm MoE slots
+per stage, E experts, Tk ticks.
 
-Stage layout (V3 report §3.2 trains with PP16): the scanned MoE layers are split evenly over the
-stages (their stacked `layers` axis is sharded over `pipeline`); the embedding and the dense layers
-run on the first stage, the final norm, the head and the MTP modules on the last (MTP shares the
-head and the embedding). Parameters used by one stage only are replicated over the pipeline axis;
-their gradients are summed over it.
+Stage layout (`train/stages.py`, V3 report §3.2 trains with PP16): the MoE layers are split over
+the stages unevenly if need be, in their real order, the embedding and dense layers on stage 0,
+the final norm, head and MTP modules on the last stage (MTP shares the head and the embedding).
+The train state holds the MoE stack in slots, [N C Lm, ...] sharded over `pipeline`; a stage skips
+its spare slots. Parameters used by one stage only (embedding, dense layers, head, MTP) are
+replicated over the pipeline axis; their gradients are summed over it.
 
-Everything runs in one `jax.shard_map` manual over every mesh axis: each device holds its stage's
-layers, its experts (EP inside, `parallel/ep.py`), and its share of the batch (data and expert axes).
-Activations move stage to stage with `ppermute` once per tick.
+Everything runs in one `jax.shard_map` manual over every mesh axis: each device holds its stages'
+slots, its experts (EP inside, `parallel/ep.py`), and its share of the batch (data and expert axes).
+Activations and gradients move between ranks with `ppermute` once per tick.
 
-  gpipe  tick t runs micro-batch t - s on stage s (Tk = M + P - 1 ticks), then `jax.grad` runs the
-         scan backwards. Each stage call is rematerialised (`jax.checkpoint`), so the stash is one
-         stage input per tick: activation memory grows with M.
-  1f1b   lockstep one-forward-one-backward: tick t does the forward of micro-batch t - s and the
-         backward of micro-batch t - (2P - 2 - s) (Tk = M + 2P - 2). The backward recomputes the
-         stage under `jax.vjp` from its stashed input (a ring of 2P - 1 inputs), the last stage does
-         its forward inside its backward slot, and gradients go back with a reverse ppermute in the
-         same tick. Activation memory is O(P), independent of M.
-With `overlap`, each stage runs its micro-batch's MoE layers as two interleaved halves
-(`block.py`: one half's all-to-all overlaps the other's compute). Bubble ticks are
-skipped with `lax.cond` (their collectives stay inside the expert group, whose
-devices share a stage, so every member takes the same branch). Both schedules return per-tick
-activity, from which `bubble` reports idle stage slots; textbook GPipe and 1F1B both idle
-(P-1)/(M+P-1) of the time. 1F1B buys memory, not bubble.
+  gpipe      tick t runs micro-batch t - s on stage s (Tk = M + N - 1), then `jax.grad` runs the
+             scan backwards. Each stage call is rematerialised, so the stash is one stage input per
+             tick: activation memory grows with M.
+  1f1b       lockstep one-forward-one-backward (`schedule.build`): tick t does the forward of
+             micro-batch t - s and the backward of micro-batch t - (2N - 2 - s).
+  dualpipev  DeepSeek's V-shaped DualPipe (`schedule.py`): rank r holds stages r and 2N-1-r (so the
+             embedding and the head share rank 0); in the steady phase a tick pairs a forward and a
+             backward of different micro-batches, whose collectives are independent of each other's
+             compute, and split backwards leave their weight gradients (W) to fill the drain.
+Both manual schedules run the table of `schedule.build`: per tick a rank does at most one F, B and
+W; a backward recomputes its stage from the stashed input under `jax.vjp` (a split B differentiates
+the input only, its W the weights only, each recomputing the stage); inputs and output gradients
+wait in rings of `Schedule.ring` slots per chunk, so activation memory does not grow with M. The
+last stage computes the loss inside its backward. Idle slots are skipped with `lax.cond` (their
+collectives stay inside the expert group, whose devices share a rank, so every member takes the
+same branch). Every schedule returns its executed tick table, from which `bubble` reports idle
+slots.
 """
 
 from __future__ import annotations
@@ -47,10 +53,14 @@ from dsv3_jax.context import sequence_positions
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.sharding import RULES, logical_to_spec
 from dsv3_jax.train import loss as L
+from dsv3_jax.train import schedule as sched_lib
+from dsv3_jax.train import stages as st
 from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.balance import max_over_mean
 from dsv3_jax.train.step import apply_gradients
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = sched_lib.NAMES
+CHUNKS = {"gpipe": 1, "1f1b": 1, "dualpipev": 2}
 PIPE = dict(RULES)["layers"]
 BATCH = tuple(dict(RULES)["batch"])
 
@@ -62,16 +72,25 @@ def resolve_microbatches(microbatches: int, global_batch: int, mesh) -> int:
     return global_batch // int(np.prod([mesh.shape[a] for a in BATCH if a in mesh.shape]))
 
 
-def check_pipeline_layout(cfg: ModelConfig, stages: int, microbatches: int, local_batch: int, expert: int = 1):
-    """Clear errors for a layer/batch layout the pipeline cannot split (microbatches 0: auto)."""
+def stage_layout(cfg: ModelConfig, ranks: int, schedule: str = "1f1b", stage_layers: tuple[int, ...] = ()):
+    """The StageLayout a schedule runs on `ranks` pipeline devices (TrainConfig.pipeline_stage_layers
+    if given, else the balanced split)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"TrainConfig.pipeline_schedule={schedule!r}: expected one of {SCHEDULES}")
+    return st.make_layout(cfg, ranks, CHUNKS[schedule], stage_layers)
+
+
+def check_pipeline_layout(cfg: ModelConfig, stages: int, microbatches: int, local_batch: int, expert: int = 1,
+                          schedule: str = "1f1b", stage_layers: tuple[int, ...] = ()):
+    """Clear errors for a layer/batch layout the pipeline cannot run (microbatches 0: auto)."""
+    stage_layout(cfg, stages, schedule, stage_layers)
     microbatches = microbatches or local_batch
-    if cfg.n_moe_layers < stages or cfg.n_moe_layers % stages:
-        raise ConfigError(f"MeshConfig.pipeline={stages} must divide the {cfg.n_moe_layers} MoE layers "
-                         f"(n_layers={cfg.n_layers} - n_dense_layers={cfg.n_dense_layers}); the dense "
-                         "layers run on the first stage")
     if local_batch % microbatches:
         raise ConfigError(f"TrainConfig.pipeline_microbatches={microbatches} must divide the per-device "
                          f"batch of {local_batch} sequences")
+    if schedule == "dualpipev" and microbatches < 2 * stages:
+        raise ConfigError(f"TrainConfig.pipeline_microbatches={microbatches}: dualpipev needs at least "
+                          f"2 x MeshConfig.pipeline = {2 * stages} micro-batches")
     if expert > 1 and cfg.moe_impl != "ep":
         raise ConfigError(f"MeshConfig.expert={expert} with a pipeline needs ModelConfig.moe_impl='ep' "
                          f"(got {cfg.moe_impl!r})")
@@ -113,15 +132,18 @@ def _zeros(tree, axes):
 
 
 # ---------------------------------------------------------------------------------------------
-# One stage on one micro-batch (local arrays; `model` holds this stage's layers): the model's own
+# One stage on one micro-batch (local arrays; `model` holds this stage's slots): the model's own
 # pieces, composed as Transformer.forward composes them, and the one loss.
-def stage_forward(model, s, n_stages, x_in, tokens, targets, mtp_lambda, alpha, axes, overlap=False):
-    """-> y [b,S,D], this stage's share of the micro-batch loss [], aux {ce, mtp, layers, mtp_layers}."""
+def stage_forward(model, stage, n_stages, x_in, tokens, targets, mtp_lambda, alpha, axes, overlap=False,
+                  active=None):
+    """-> y [b,S,D], this stage's share of the micro-batch loss [], aux {ce, mtp, layers, mtp_layers}.
+    stage may be traced; active [Lm] marks the slots that hold layers."""
     cfg: ModelConfig = model.cfg
     ctx = model.context(sequence_positions(*tokens.shape))
     first = lambda: model.trunk(model.embed(tokens), ctx, only="dense_layers")[0]  # noqa: E731
-    h = lax.cond(s == 0, first, lambda: x_in)
-    h, layer_stats, _ = model.trunk(h, ctx, only="moe_layers", overlap=overlap and tokens.shape[0] % 2 == 0)
+    h = lax.cond(stage == 0, first, lambda: x_in)
+    h, layer_stats, _ = model.trunk(h, ctx, only="moe_layers", overlap=overlap and tokens.shape[0] % 2 == 0,
+                                    active=active)
 
     def last():
         out = model.heads(h, tokens, ctx)  # final norm, head, the MTP chain; out.moe: the MTP modules'
@@ -129,7 +151,7 @@ def stage_forward(model, s, n_stages, x_in, tokens, targets, mtp_lambda, alpha, 
         return terms["loss"], terms["mtp_loss"], out.moe
 
     shapes = jax.eval_shape(last)
-    ce, mtp, mtp_stats = lax.cond(s == n_stages - 1, last, lambda: _zeros(shapes, axes))
+    ce, mtp, mtp_stats = lax.cond(stage == n_stages - 1, last, lambda: _zeros(shapes, axes))
     bal = layer_stats.balance.sum() + (mtp_stats.balance.sum() if mtp_stats is not None else 0.0)
     terms = {"loss": ce, "mtp_loss": mtp, "balance_sum": bal}
     loss = L.total(terms, L.n_balance_layers(cfg), mtp_lambda, alpha)
@@ -144,10 +166,12 @@ class _Plan:
     mesh: Mesh
     microbatches: int
     alpha: float
+    layout: st.StageLayout
+    schedule: str
     overlap: bool = False
 
     @property
-    def stages(self) -> int:
+    def ranks(self) -> int:
         return self.mesh.shape[PIPE]
 
     @property
@@ -159,6 +183,37 @@ def _split_micro(plan: _Plan, x):
     return x.reshape(plan.microbatches, x.shape[0] // plan.microbatches, *x.shape[1:])
 
 
+def _setup(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
+    """What every schedule's body starts with: values varying over every axis, micro-batches split."""
+    axes = plan.axes
+    params, biases = _vary(params, pspecs, axes), _vary(biases, bspecs, axes)
+    inputs, targets = _split_micro(plan, inputs), _split_micro(plan, targets)
+    inputs, targets = (lax.pcast(v, (PIPE,), to="varying") for v in (inputs, targets))
+    return params, biases, inputs, targets, lax.pcast(mtp_lambda, axes, to="varying")
+
+
+def _chunk(tree, c, plan: _Plan):
+    """Chunk c's slots of every MoE-stack leaf: local rows [c Lm, (c+1) Lm)."""
+    if plan.layout.chunks == 1:
+        return tree
+    Lm = plan.layout.slots
+    return st.map_stack(lambda x: lax.dynamic_slice_in_dim(x, c * Lm, Lm, 0), tree)
+
+
+def _stage_fn(plan: _Plan, biases, inputs, targets, mtp_lambda):
+    """run(params, x, m, c) -> ((y, loss), aux): chunk c of this rank on micro-batch m."""
+    r, N, layout = lax.axis_index(PIPE), plan.ranks, plan.layout
+    active = jnp.asarray(layout.slot_layer >= 0)  # [N, C, Lm]
+
+    def run(p, x, m, c):
+        stage = r if layout.chunks == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)
+        model = nnx.merge(plan.graphdef, _chunk(p, c, plan), _chunk(biases, c, plan))
+        y, loss, aux = stage_forward(model, stage, layout.stages, x, inputs[m], targets[m], mtp_lambda,
+                                     plan.alpha, plan.axes, plan.overlap, active[r, c])
+        return (y, loss), aux
+    return run
+
+
 def _finish(plan: _Plan, acc, activity):
     """Per-device sums over micro-batches -> the step's loss and aux (reduced over the mesh)."""
     batch = tuple(a for a in BATCH if a in plan.axes)
@@ -168,9 +223,9 @@ def _finish(plan: _Plan, acc, activity):
     out = {
         "loss": scalar(acc["aux"]["ce"]),
         "mtp_loss": scalar(acc["aux"]["mtp"]),
-        "layer_load": lax.psum(lay.load, batch),
+        "layer_load": lax.psum(lay.load, batch),  # [C Lm, E] per rank: its slots
         "layer_balance": lax.pmean(lay.balance, batch) / M,
-        "activity": activity[None],  # [1, Tk, 2] per stage (depends on the stage and tick only)
+        "activity": activity[None],  # [1, Tk, 3] per rank (depends on the rank and tick only)
     }
     if mtp is not None:
         out["mtp_load"] = lax.psum(lax.psum(mtp.load, batch), PIPE)
@@ -184,94 +239,187 @@ def _finish(plan: _Plan, acc, activity):
     return scalar(acc["loss"]), out
 
 
+# ---------------------------------------------------------------------------------------------
 def _gpipe_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
-    axes, Pn, M = plan.axes, plan.stages, plan.microbatches
-    s = lax.axis_index(PIPE)
-    params, biases = _vary(params, pspecs, axes), _vary(biases, bspecs, axes)
-    inputs, targets = _split_micro(plan, inputs), _split_micro(plan, targets)
-    inputs, targets = (lax.pcast(v, (PIPE,), to="varying") for v in (inputs, targets))
-    mtp_lambda = lax.pcast(mtp_lambda, axes, to="varying")
-    model = nnx.merge(plan.graphdef, params, biases)
+    axes, N, M = plan.axes, plan.ranks, plan.microbatches
+    r = lax.axis_index(PIPE)
+    params, biases, inputs, targets, mtp_lambda = _setup(plan, pspecs, bspecs, params, biases, inputs,
+                                                         targets, mtp_lambda)
+    stage = jax.checkpoint(_stage_fn(plan, biases, inputs, targets, mtp_lambda))
 
-    @jax.checkpoint
-    def run(x, tok, tgt):
-        return stage_forward(model, s, Pn, x, tok, tgt, mtp_lambda, plan.alpha, axes, plan.overlap)
+    def run(x, m):
+        (y, loss), aux = stage(params, x, m, 0)
+        return y, loss, aux
 
     x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
-    out_shape = jax.eval_shape(run, x0, inputs[0], targets[0])
-    zero_out = _zeros(out_shape, axes)
+    zero_out = _zeros(jax.eval_shape(run, x0, 0), axes)
 
     def tick(carry, t):
         act, acc = carry
-        i = t - s
+        i = t - r
         ok = (i >= 0) & (i < M)
-        ic = jnp.clip(i, 0, M - 1)
-        y, loss, aux = lax.cond(ok, lambda: run(act, inputs[ic], targets[ic]), lambda: zero_out)
+        y, loss, aux = lax.cond(ok, lambda: run(act, jnp.clip(i, 0, M - 1)), lambda: zero_out)
         acc = jax.tree.map(jnp.add, acc, {"loss": loss, "aux": aux})
-        act = lax.ppermute(y, PIPE, [(k, k + 1) for k in range(Pn - 1)])
-        return (act, acc), jnp.stack([ok, jnp.zeros_like(ok)]).astype(jnp.int32)
+        act = lax.ppermute(y, PIPE, [(k, k + 1) for k in range(N - 1)])
+        return (act, acc), jnp.stack([ok, jnp.zeros_like(ok), jnp.zeros_like(ok)]).astype(jnp.int32)
 
     acc0 = {"loss": zero_out[1], "aux": zero_out[2]}
-    (_, acc), activity = lax.scan(tick, (x0, acc0), jnp.arange(M + Pn - 1))
+    (_, acc), activity = lax.scan(tick, (x0, acc0), jnp.arange(M + N - 1))
     return _finish(plan, acc, activity)
 
 
-def _1f1b_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
-    axes, Pn, M = plan.axes, plan.stages, plan.microbatches
-    R = 2 * Pn - 1  # stash ring: an input lives 2P - 2 - 2s ticks
-    s = lax.axis_index(PIPE)
-    params, biases = _vary(params, pspecs, axes), _vary(biases, bspecs, axes)
-    inputs, targets = _split_micro(plan, inputs), _split_micro(plan, targets)
-    inputs, targets = (lax.pcast(v, (PIPE,), to="varying") for v in (inputs, targets))
-    mtp_lambda = lax.pcast(mtp_lambda, axes, to="varying")
+# ---------------------------------------------------------------------------------------------
+# The table-driven executor (1f1b, dualpipev).
+SOURCES = ("down", "up", "self")  # an arrival came from rank r-1, from rank r+1, or from this rank
+
+
+def routes(s: sched_lib.Schedule) -> dict:
+    """Host-side: per tick and rank, where each op's output goes and what arrives.
+
+    -> f, b, w [Tk, N, 2] (chunk, micro-batch), split [Tk, N], f_dir / b_dir [Tk, N] (+1: to rank
+    r+1, -1: to r-1, 0: this rank, 2: nowhere), act_in / grad_in [Tk, N, 3, 2]: (chunk,
+    micro-batch) arriving this tick from each of SOURCES, (-1, -1) none.
+    """
+    Tk, N = s.ticks, s.ranks
+    out = {"f": s.f, "b": s.b, "w": s.w, "split": s.b_split.astype(np.int32)}
+    for kind, table, step in (("act", s.f, 1), ("grad", s.b, -1)):
+        dirs = np.full((Tk, N), 2, np.int32)
+        arrive = np.full((Tk + 1, N, 3, 2), -1, np.int32)
+        for t, r in zip(*np.nonzero(table[..., 1] >= 0)):
+            c, m = table[t, r]
+            nxt = s.stage(r, c) + step
+            if 0 <= nxt < s.stages:
+                r2, c2 = s.rank_chunk(nxt)
+                dirs[t, r] = r2 - r
+                arrive[t + 1, r2, {1: 0, -1: 1, 0: 2}[r2 - r]] = (c2, m)
+        out[("f" if kind == "act" else "b") + "_dir"] = dirs
+        out[kind + "_in"] = arrive[:Tk]
+    return out
+
+
+def _store(buf, c, m, ring, value):
+    """buf [C, R, ...]: write value into slot (c, m % ring) if m >= 0 (one in-place update)."""
+    cc, slot = jnp.maximum(c, 0), jnp.maximum(m, 0) % ring
+    return buf.at[cc, slot].set(jnp.where(m >= 0, value, buf[cc, slot]))
+
+
+def _send(value, direction, N, used):
+    """The three arrivals (from r-1, from r+1, this rank's own) of what each rank sends `direction`."""
+    zero = jnp.zeros_like(value)
+    down = lax.ppermute(jnp.where(direction == 1, value, zero), PIPE, [(k, k + 1) for k in range(N - 1)]) \
+        if used["down"] else zero
+    up = lax.ppermute(jnp.where(direction == -1, value, zero), PIPE, [(k + 1, k) for k in range(N - 1)]) \
+        if used["up"] else zero
+    return down, up, jnp.where(direction == 0, value, zero)
+
+
+def _place(plan: _Plan, acc_aux, aux, c):
+    """Add a stage's aux into the rank's accumulators: its layer stats into chunk c's slot rows."""
+    if plan.layout.chunks == 1:
+        return jax.tree.map(jnp.add, acc_aux, aux)
+    Lm = plan.layout.slots
+
+    def rows(a, x):
+        return lax.dynamic_update_slice_in_dim(a, lax.dynamic_slice_in_dim(a, c * Lm, Lm, 0) + x, c * Lm, 0)
+    out = jax.tree.map(jnp.add, {k: v for k, v in acc_aux.items() if k != "layers"},
+                       {k: v for k, v in aux.items() if k != "layers"})
+    return {**out, "layers": jax.tree.map(rows, acc_aux["layers"], aux["layers"])}
+
+
+def _acc_zeros(plan: _Plan, aux_shape, axes):
+    """Zero accumulators for a rank: the aux of one stage, its layer rows for all C chunks."""
+    C = plan.layout.chunks
+    lay = jax.tree.map(lambda s: jax.ShapeDtypeStruct((C * s.shape[0], *s.shape[1:]), s.dtype), aux_shape["layers"])
+    return _zeros({**aux_shape, "layers": lay}, axes)
+
+
+def _backward_ops(plan: _Plan, run, params, axes):
+    """The B variants and W of one (chunk c, micro-batch m) from its stashed input x and output
+    gradient dy: full (input and weight gradients), input-only (a split B), weights-only (its W)."""
+    N, S = plan.ranks, plan.layout.stages
+    r = lax.axis_index(PIPE)
     n_dp = int(np.prod([plan.mesh.shape[a] for a in BATCH if a in axes]))
-    seed = 1.0 / (M * n_dp)  # d(step loss)/d(stage loss of one micro-batch on one device)
+    seed = 1.0 / (plan.microbatches * n_dp)  # d(step loss)/d(stage loss of one micro-batch on one device)
 
-    def run(p, x, tok, tgt):
-        model = nnx.merge(plan.graphdef, p, biases)
-        y, loss, aux = stage_forward(model, s, Pn, x, tok, tgt, mtp_lambda, plan.alpha, axes, plan.overlap)
-        return (y, loss), aux
+    def cot(c, dy, loss):  # the last stage's output feeds nothing: its only cotangent is the loss's
+        stage = r if plan.layout.chunks == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)
+        dy = jnp.where(stage == S - 1, jnp.zeros_like(dy), dy)
+        return dy, lax.pcast(jnp.asarray(seed, loss.dtype), axes, to="varying")
 
-    x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
-    (y_shape, loss_shape), aux_shape = jax.eval_shape(run, params, x0, inputs[0], targets[0])
-    zero_aux, zero_grads = _zeros(aux_shape, axes), jax.tree.map(jnp.zeros_like, params)
-
-    def forward(x, i):
-        return run(params, x, inputs[i], targets[i])[0][0]
-
-    def backward(x, dy, i):
-        (_, loss), vjp, aux = jax.vjp(lambda p, x: run(p, x, inputs[i], targets[i]), params, x, has_aux=True)
-        dp, dx = vjp((dy, lax.pcast(jnp.asarray(seed, loss.dtype), axes, to="varying")))
+    def full(x, dy, m, c):
+        (_, loss), vjp, aux = jax.vjp(lambda p, x: run(p, x, m, c), params, x, has_aux=True)
+        dp, dx = vjp(cot(c, dy, loss))
         return dp, dx, loss, aux
 
-    def tick(carry, t):
-        act, grad, stash, grads, acc = carry
-        i_f, i_b = t - s, t - (2 * Pn - 2 - s)
-        f_in = (i_f >= 0) & (i_f < M)
-        f_ok = f_in & (s < Pn - 1)  # the last stage runs its forward inside its backward slot
-        b_ok = (i_b >= 0) & (i_b < M)
-        stash = jnp.where(f_in, stash.at[i_f % R].set(act), stash)
-        y = lax.cond(f_ok, lambda: forward(act, jnp.clip(i_f, 0, M - 1)), lambda: jnp.zeros_like(act))
-        ib = jnp.clip(i_b, 0, M - 1)
-        dp, dx, loss, aux = lax.cond(b_ok, lambda: backward(stash[ib % R], grad, ib),
-                                     lambda: (zero_grads, jnp.zeros_like(act), _zeros(loss_shape, axes), zero_aux))
-        grads = jax.tree.map(jnp.add, grads, dp)
-        acc = jax.tree.map(jnp.add, acc, {"loss": loss, "aux": aux})
-        act = lax.ppermute(y, PIPE, [(k, k + 1) for k in range(Pn - 1)])
-        grad = lax.ppermute(dx, PIPE, [(k + 1, k) for k in range(Pn - 1)])
-        return (act, grad, stash, grads, acc), jnp.stack([f_in, b_ok]).astype(jnp.int32)
+    def input_only(x, dy, m, c):  # params are constants here: XLA drops the weight-gradient GEMMs
+        (_, loss), vjp, aux = jax.vjp(lambda x: run(params, x, m, c), x, has_aux=True)
+        (dx,) = vjp(cot(c, dy, loss))
+        return jax.tree.map(jnp.zeros_like, params), dx, loss, aux
 
-    stash0 = _zeros(jax.ShapeDtypeStruct((R, *x0.shape), x0.dtype), axes)
-    acc0 = {"loss": _zeros(loss_shape, axes), "aux": zero_aux}
-    carry = (x0, jnp.zeros_like(x0), stash0, zero_grads, acc0)
-    (_, _, _, grads, acc), activity = lax.scan(tick, carry, jnp.arange(M + 2 * Pn - 2))
+    def weights_only(x, dy, m, c):
+        (_, loss), vjp, _ = jax.vjp(lambda p: run(p, x, m, c), params, has_aux=True)
+        return vjp(cot(c, dy, loss))[0]
+
+    return full, input_only, weights_only
+
+
+def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
+    axes, N, M, S = plan.axes, plan.ranks, plan.microbatches, plan.layout.stages
+    sched = sched_lib.build(plan.schedule, N, M)
+    R, C, tabs = sched.ring, sched.chunks, routes(sched)
+    has_split = bool(sched.b_split.any())
+    used = {k: {"down": bool((tabs[k + "_dir"] == 1).any()), "up": bool((tabs[k + "_dir"] == -1).any())}
+            for k in ("f", "b")}
+    arrives = {k: [i for i in range(3) if (tabs[k + "_in"][..., i, 1] >= 0).any()] for k in ("act", "grad")}
+    r = lax.axis_index(PIPE)
+    params, biases, inputs, targets, mtp_lambda = _setup(plan, pspecs, bspecs, params, biases, inputs,
+                                                         targets, mtp_lambda)
+    run = _stage_fn(plan, biases, inputs, targets, mtp_lambda)
+    full, input_only, weights_only = _backward_ops(plan, run, params, axes)
+    x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
+    (_, loss_shape), aux_shape = jax.eval_shape(run, params, x0, 0, 0)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    idle = lambda *_: (zero_grads, jnp.zeros_like(x0), _zeros(loss_shape, axes), _zeros(aux_shape, axes))  # noqa: E731
+    stage_of = lambda c: r if C == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)  # noqa: E731
+
+    def tick(carry, row):
+        inbuf, gbuf, arrived, grads, acc = carry
+        for i in arrives["act"]:
+            inbuf = _store(inbuf, row["act_in"][r, i, 0], row["act_in"][r, i, 1], R, arrived[0][i])
+        for i in arrives["grad"]:
+            gbuf = _store(gbuf, row["grad_in"][r, i, 0], row["grad_in"][r, i, 1], R, arrived[1][i])
+        slot = lambda op: (jnp.maximum(op[0], 0), jnp.maximum(op[1], 0))  # noqa: E731
+        (fc, fm), (bc, bm), (wc, wm) = slot(row["f"][r]), slot(row["b"][r]), slot(row["w"][r])
+        f_ok = (row["f"][r, 1] >= 0) & (stage_of(fc) < S - 1)  # the last stage's F runs inside its B
+        y = lax.cond(f_ok, lambda: run(params, inbuf[fc, fm % R], fm, fc)[0][0], lambda: jnp.zeros_like(x0))
+        b_ok = row["b"][r, 1] >= 0
+        branches = [idle, full] + ([input_only] if has_split else [])
+        which = jnp.where(b_ok, 1 + (row["split"][r] if has_split else 0), 0)
+        dp, dx, loss, aux = lax.switch(which, branches, inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
+        grads = jax.tree.map(jnp.add, grads, dp)
+        w_ok = row["w"][r, 1] >= 0
+        if has_split:
+            dw = lax.cond(w_ok, lambda: weights_only(inbuf[wc, wm % R], gbuf[wc, wm % R], wm, wc),
+                          lambda: zero_grads)
+            grads = jax.tree.map(jnp.add, grads, dw)
+        acc = {"loss": acc["loss"] + loss, "aux": _place(plan, acc["aux"], aux, bc)}
+        arrived = (_send(y, row["f_dir"][r], N, used["f"]), _send(dx, row["b_dir"][r], N, used["b"]))
+        return (inbuf, gbuf, arrived, grads, acc), jnp.stack([row["f"][r, 1] >= 0, b_ok, w_ok]).astype(jnp.int32)
+
+    ring = _zeros(jax.ShapeDtypeStruct((C, R, *x0.shape), x0.dtype), axes)
+    three = (jnp.zeros_like(x0),) * 3
+    carry = (ring, ring, (three, three), zero_grads,
+             {"loss": _zeros(loss_shape, axes), "aux": _acc_zeros(plan, aux_shape, axes)})
+    xs = {k: jnp.asarray(v) for k, v in tabs.items()}
+    (_, _, _, grads, acc), activity = lax.scan(tick, carry, xs)
     grads = _per_spec(lax.psum, grads, pspecs, axes)  # the one gradient all-reduce of the step
     loss, aux = _finish(plan, acc, activity)
     return loss, aux, grads
 
 
+# ---------------------------------------------------------------------------------------------
 def _aux_specs(cfg: ModelConfig) -> dict:
-    """out_specs of `_finish`'s aux: per-stage rows are sharded over the pipeline axis."""
+    """out_specs of `_finish`'s aux: per-rank rows are sharded over the pipeline axis."""
     specs = {"loss": P(), "mtp_loss": P(), "layer_load": P(PIPE), "layer_balance": P(PIPE), "activity": P(PIPE)}
     mtp_moe = cfg.n_mtp_modules > 0 and cfg.n_routed_experts > 0
     if mtp_moe:
@@ -283,85 +431,88 @@ def _aux_specs(cfg: ModelConfig) -> dict:
     return specs
 
 
-def _assemble(aux: dict) -> dict:
-    """Stage-sharded pieces -> the metrics train.step reports (MoE layers first, then MTP)."""
-    rows = lambda k: [aux[k]] + ([aux["mtp_" + k[6:]]] if "mtp_" + k[6:] in aux else [])  # noqa: E731
+def _assemble(aux: dict, layout: st.StageLayout) -> dict:
+    """Slot rows -> the metrics train.step reports, in layer order (MoE layers first, then MTP)."""
+    layers = lambda rows: st.slot_rows_to_layers(rows, layout)  # noqa: E731
+    lay = {"load": layers(aux["layer_load"]), "balance": layers(aux["layer_balance"])}
+    rows = lambda k: [lay[k]] + ([aux["mtp_" + k]] if "mtp_" + k in aux else [])  # noqa: E731
     out = {"loss": aux["loss"], "mtp_loss": aux["mtp_loss"],
-           "load": jnp.concatenate(rows("layer_load")),
-           "balance_loss": jnp.concatenate(rows("layer_balance")).mean(),
-           "pipeline_activity": aux["activity"]}  # [P, Tk, 2]: forward / backward slot busy
+           "load": jnp.concatenate(rows("load")),
+           "balance_loss": jnp.concatenate(rows("balance")).mean(),
+           "pipeline_activity": aux["activity"]}  # [N, Tk, 3]: forward / backward / weight slot busy
     if "layer_ep" in aux:
-        ep = jnp.concatenate(rows("layer_ep"), axis=-1)  # [2, L + Dm]
+        ep = layers(aux["layer_ep"].T).T  # [2, L]
+        ep = jnp.concatenate([ep] + ([aux["mtp_ep"]] if "mtp_ep" in aux else []), axis=-1)  # [2, L + Dm]
         out.update(ep_dropped=ep[0].sum(), ep_shards_per_token=ep[1].mean())
     return out
 
 
 def make_loss_and_grads(graphdef, cfg: ModelConfig, mesh: Mesh, *, schedule: str, microbatches: int = 0,
-                        alpha: float, overlap: bool = False):
+                        alpha: float, overlap: bool = False, layout: st.StageLayout | None = None):
     """-> f(params, biases, batch {inputs, targets} [B,S], mtp_lambda) -> (loss, aux, grads).
 
-    loss is the step's total (CE + lambda MTP + alpha balance) as in train.step.loss_fn; aux holds
-    loss (CE), mtp_loss, balance_loss, load [L + Dm, E], ep_dropped / ep_shards_per_token (EP) and
-    pipeline_activity [P, Tk, 2].
+    params, biases and grads hold the MoE stack in `layout`'s slots (`stages.to_slots`; the model's
+    own layout where the split is even). loss is the step's total (CE + lambda MTP + alpha balance)
+    as in train.step.loss_fn; aux holds loss (CE), mtp_loss, balance_loss, load [L + Dm, E] in layer
+    order, ep_dropped / ep_shards_per_token (EP) and pipeline_activity [N, Tk, 3].
     """
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"TrainConfig.pipeline_schedule={schedule!r}: expected one of {SCHEDULES}")
-    body = _gpipe_body if schedule == "gpipe" else _1f1b_body
+    layout = layout or stage_layout(cfg, mesh.shape[PIPE], schedule)
+    if (layout.ranks, layout.chunks) != (mesh.shape[PIPE], CHUNKS[schedule]):
+        raise ConfigError(f"stage layout of {layout.ranks} ranks x {layout.chunks} chunks does not fit "
+                          f"{schedule!r} on {mesh.shape[PIPE]} pipeline devices")
+    body = _gpipe_body if schedule == "gpipe" else _table_body
     tok = P(tuple(a for a in BATCH if a in mesh.axis_names))
 
     def f(params, biases, batch, mtp_lambda):
         M = resolve_microbatches(microbatches, batch["inputs"].shape[0], mesh)
-        plan = _Plan(graphdef, cfg, mesh, M, alpha, overlap)
+        plan = _Plan(graphdef, cfg, mesh, M, alpha, layout, schedule, overlap)
         pspecs, bspecs = state_specs(params, mesh), state_specs(biases, mesh)
-        out_specs = (P(), _aux_specs(cfg)) + ((pspecs,) if schedule == "1f1b" else ())
+        out_specs = (P(), _aux_specs(cfg)) + ((pspecs,) if schedule != "gpipe" else ())
         run = jax.shard_map(functools.partial(body, plan, pspecs, bspecs), mesh=mesh,
                             in_specs=(pspecs, bspecs, tok, tok, P()), out_specs=out_specs)
         args = (params, biases, batch["inputs"], batch["targets"], jnp.asarray(mtp_lambda, jnp.float32))
-        if schedule == "1f1b":
+        if schedule != "gpipe":
             loss, aux, grads = run(*args)
         else:
             (loss, aux), grads = jax.value_and_grad(run, has_aux=True)(*args)
-        return loss, _assemble(aux), grads
+        return loss, _assemble(aux, layout), grads
 
     return f
 
 
 def make_pipeline_train_step(graphdef, tx: optax.GradientTransformation, run: TrainConfig, cfg: ModelConfig,
-                             mesh: Mesh):
+                             mesh: Mesh, layout: st.StageLayout | None = None):
     """The pipelined twin of train.step.make_train_step: step(state, batch, gamma, mtp_lambda) ->
-    (state, metrics), with the same state and metrics, plus ep_* counters and pipeline_bubble."""
+    (state, metrics), with the state's MoE stack in `layout`'s slots, the same metrics (in layer
+    order), plus ep_* counters and pipeline_bubble."""
+    layout = layout or stage_layout(cfg, mesh.shape[PIPE], run.pipeline_schedule, run.pipeline_stage_layers)
     loss_and_grads = make_loss_and_grads(graphdef, cfg, mesh, schedule=run.pipeline_schedule,
                                          microbatches=run.pipeline_microbatches, alpha=run.balance_alpha,
-                                         overlap=run.overlap_microbatches)
+                                         overlap=run.overlap_microbatches, layout=layout)
+    L = cfg.n_moe_layers
 
     def step(state, batch, gamma, mtp_lambda):
         _, aux, grads = loss_and_grads(state["params"], state["biases"], batch, mtp_lambda)
-        load = aux.pop("load")
+        load = aux.pop("load")  # [L + Dm, E], layer order; the biases are in slots
         activity = aux.pop("pipeline_activity")
-        new_state, update_metrics = apply_gradients(state, grads, load, tx, gamma, cfg.n_moe_layers)
-        return new_state, {**aux, **update_metrics, "pipeline_bubble": bubble(activity)}
+        slot_load = jnp.concatenate([st.layer_rows_to_slots(load[:L], layout), load[L:]])
+        new_state, update = apply_gradients(state, grads, slot_load, tx, gamma, layout.slot_layer.size)
+        update.update(expert_load=load, load_max_over_mean=max_over_mean(load))
+        return new_state, {**aux, **update, "pipeline_bubble": bubble(activity)}
 
     return step
 
 
 def bubble(activity) -> jax.Array:
-    """Idle fraction of the stage slots the schedule ran: activity [P, Tk, 2] (forward, backward).
-
-    gpipe counts its forward scan (the backward scan mirrors it); 1f1b has a forward and a
-    backward slot per tick. Same numbers as `schedule_table` computes on the host.
-    """
+    """Idle fraction of the slots the schedule ran: activity [N, Tk, 3] (forward, backward, weight),
+    counting only the slot kinds the schedule uses (gpipe's forward scan: the backward mirrors it).
+    Same numbers as `schedule_table` gives on the host."""
     activity = jnp.asarray(activity)
-    fwd_only = activity[..., 1].sum() == 0
-    slots = activity[..., 0].size * jnp.where(fwd_only, 1, 2)
-    return 1.0 - activity.sum() / slots
+    kinds = (activity.sum(axis=tuple(range(activity.ndim - 1))) > 0).sum()
+    return 1.0 - activity.sum() / (activity[..., 0].size * kinds)
 
 
-def schedule_table(schedule: str, stages: int, microbatches: int) -> np.ndarray:
-    """The [P, Tk, 2] activity the schedule runs (host-side, for docs and the benchmark)."""
-    Pn, M = stages, microbatches
-    T = M + Pn - 1 if schedule == "gpipe" else M + 2 * Pn - 2
-    t = np.arange(T)[None]
-    s = np.arange(Pn)[:, None]
-    f = (t - s >= 0) & (t - s < M)
-    b = np.zeros_like(f) if schedule == "gpipe" else (t - (2 * Pn - 2 - s) >= 0) & (t - (2 * Pn - 2 - s) < M)
-    return np.stack([f, b], -1).astype(np.int32)
+def schedule_table(schedule: str, ranks: int, microbatches: int) -> np.ndarray:
+    """The [N, Tk, 3] activity (forward, backward, weight-gradient slot busy) the schedule runs."""
+    s = sched_lib.build(schedule, ranks, microbatches)
+    return np.stack([t[..., 1] >= 0 for t in (s.f, s.b, s.w)], -1).transpose(1, 0, 2).astype(np.int32)
