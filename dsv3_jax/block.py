@@ -35,7 +35,7 @@ from dsv3_jax.errors import ConfigError
 from dsv3_jax.layers import MLP, RMSNorm
 from dsv3_jax.mla import ATTN_OUT, MLA
 from dsv3_jax.moe import MOE_OUT, MoE, MoEStats
-from dsv3_jax.parallel.vma import vary_like
+from dsv3_jax.vma import vary_like
 
 _CP = jax.checkpoint_policies
 REMAT = {  # ModelConfig.remat -> the policy of the layer's jax.checkpoint (config.REMAT_POLICIES)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import fp8_kernel, fp8_weight, normal_param
-from dsv3_jax.parallel.vma import varying_axes
+from dsv3_jax.vma import varying_axes
 from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
 

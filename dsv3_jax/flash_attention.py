@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from dsv3_jax.errors import ConfigError
-from dsv3_jax.parallel.vma import vary_like
+from dsv3_jax.vma import vary_like
 from pallas_kernels.common import cdiv
 
 # Hidden scores: finite, so a tile whose rows see nothing yet gives exp(0) and never 0/0 or inf - inf;

@@ -58,13 +58,13 @@ def _temp_bytes(schedule, M, mesh):
 def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     mesh = make_mesh(1, 2, 4)
     growth = {}
-    for schedule in pipeline.SCHEDULES:
-        small, x_bytes = _temp_bytes(schedule, 2, mesh)
+    for schedule in ("gpipe", "1f1b"):
+        small, x_bytes = _temp_bytes(schedule, 4, mesh)
         large, _ = _temp_bytes(schedule, 10, mesh)
         growth[schedule] = large - small
-    # GPipe's autodiff keeps every tick's stage input (8 more micro-batches -> >= 8 more inputs);
-    # 1F1B's stash is a ring of 2P-1 inputs whatever M is
-    assert growth["gpipe"] >= 8 * x_bytes, growth
+    # GPipe's autodiff keeps every tick's stage input (6 more micro-batches -> >= 6 more inputs);
+    # 1F1B's stash is a ring of min(M, 2P-1) inputs (schedule.ring): 3 here for M = 4 and M = 10
+    assert growth["gpipe"] >= 6 * x_bytes, growth
     assert growth["1f1b"] < x_bytes, growth
 
 
