@@ -19,7 +19,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import fp8_kernel, fp8_weight, normal_param
-from dsv3_jax.vma import varying_axes
+from dsv3_jax.vma import vary_like
 from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
 
@@ -64,9 +64,7 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
         # over `data`, experts replicated over it). The custom VJP computes dW from the rows, so
         # the weight enters varying like them; the transpose of that cast sums dW over those
         # axes, as it does for a plain matmul.
-        missing = tuple(sorted(varying_axes(a) - varying_axes(w)))
-        if missing:
-            w = jax.lax.pcast(w, missing, to="varying")
+        w = vary_like(w, a)
         return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes,
                                   "auto" if kernel == "mosaic_gpu" else kernel)
     if impl == "tiled":

@@ -20,5 +20,9 @@ def varying_axes(x) -> frozenset:
 
 def vary_like(tree, *refs):
     """tree with every leaf varying over the union of the axes the leaves of `refs` vary over."""
-    axes = tuple(sorted(set().union(*(varying_axes(r) for r in jax.tree.leaves(refs)))))
-    return jax.tree.map(lambda x: lax.pcast(x, axes, to="varying"), tree) if axes else tree
+    axes = set().union(*(varying_axes(r) for r in jax.tree.leaves(refs)))
+
+    def one(x):  # pcast only the axes x does not already vary over (pcast rejects the others)
+        missing = tuple(sorted(axes - varying_axes(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(one, tree)
