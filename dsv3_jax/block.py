@@ -115,7 +115,7 @@ class BlockStack(nnx.Module):
         """x [B,S,D] -> x [B,S,D], per-layer MoEStats [L] (None for dense layers), the stack's cache
         [L,B,T,...] with the S new latents written in every layer.
 
-        active [L] bool (a pipeline stage's slots, train/stages.py): layers where it is False are
+        active [L] bool (a pipeline stage's slots, parallel/stages.py): layers where it is False are
         skipped, their stats zero."""
         if overlap and (cache is not None or x.shape[0] % 2):
             raise ConfigError(f"overlap: two micro-batches need an even batch (got {x.shape[0]}) and no cache")

@@ -260,7 +260,9 @@ class Checkpointer:
         """(step, state, data_state, meta) of the newest readable step, or None if there is none.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying the *target* shardings: the
-        arrays are read straight into that layout, whatever mesh they were saved from.
+        arrays are read straight into that layout, whatever mesh they were saved from. It may also be
+        a function of a step's meta item returning that pytree, for states whose shapes the saving
+        run chose (a pipeline's slot layout, `parallel/stages.py`).
         """
         self._mngr.wait_until_finished()  # a save still in flight would look uncommitted
         self._mngr.reload()
@@ -287,6 +289,8 @@ class Checkpointer:
         path = self.directory / str(step)
         if not (path / COMMIT_MARKER).exists():
             raise CheckpointError(f"{path} has no {COMMIT_MARKER}: the write never committed")
+        if callable(abstract_state):
+            abstract_state = abstract_state(json.loads((path / "meta" / "metadata").read_text()))
         r = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),

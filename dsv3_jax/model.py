@@ -83,7 +83,7 @@ class Transformer(nnx.Module):
         norm, MoEStats [L_moe] (None without MoE layers), caches (one per stack, as `Cache.layers`).
 
         `only` runs one stack ("dense_layers" or "moe_layers"): a pipeline stage's range; `active`
-        [L_moe] bool skips the MoE stack's spare slots (train/stages.py).
+        [L_moe] bool skips the MoE stack's spare slots (parallel/stages.py).
         """
         stacks = self.stacks()
         caches = (None,) * len(stacks) if caches is None else caches

@@ -71,7 +71,7 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
 def _uneven(schedule, mesh_shape, n_layers, M):
     """A pipelined step over an uneven slot layout against the single-device step: loss, MTP and
     balance losses, gradients (brought back to layer order), loads."""
-    from dsv3_jax.train import stages as st
+    from dsv3_jax.parallel import stages as st
     from dsv3_jax.train.step import loss_fn
     cfg = preset("tiny", n_layers=n_layers, vocab_size=128, max_seq_len=32, moe_impl="ep",
                  ep_dispatch="fp32", ep_combine="fp32")
@@ -117,7 +117,7 @@ def test_uneven_stages_and_dualpipev_equal_single_device(schedule, mesh_shape, n
 
 def test_balanced_split_counts_embedding_head_and_mtp():
     """V3 on PP16: embedding + 3 dense on stage 0, 4 MoE layers on stages 1-14, 2 + head + MTP last."""
-    from dsv3_jax.train import stages as st
+    from dsv3_jax.parallel import stages as st
     v3 = preset("v3_671b")
     assert st.balanced(v3, 16) == (0,) + (4,) * 14 + (2,)
     layout = st.make_layout(v3, 16)

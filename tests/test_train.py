@@ -115,16 +115,33 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path
     assert_same_tree(final_params(wd)[1], final_params(reference)[1])
 
 
+DUALPIPEV = ["MeshConfig.data = 1", "MeshConfig.pipeline = 2", "MeshConfig.expert = 2", "ModelConfig.moe_impl = 'ep'",
+             "TrainConfig.pipeline_schedule = 'dualpipev'", "TrainConfig.pipeline_microbatches = 4"]
+
+
 @pytest.mark.slow
-def test_resume_on_a_different_mesh(tmp_path, cache):
+def test_resume_across_meshes_and_a_dualpipev_slot_layout(reference, tmp_path, cache):
+    """Data parallel (8 devices) -> DualPipeV on 2 ranks x 2 experts (4 devices; the 2 MoE layers in
+    the V's 4 stages are uneven, so the state keeps them in slots [N C Lm]) -> data parallel again.
+    Each resume converts the saved layout, and every step's loss is the uninterrupted run's."""
+    from dsv3_jax.infer.load import load_for_inference
+    from dsv3_jax.parallel import stages as st
     wd = tmp_path / "mesh"
-    run(wd, "train.num_steps = 2", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 8",
-        cache=cache, devices=8)
-    out = run(wd, "train.num_steps = 4", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 2",
-              "MeshConfig.pipeline = 2", "MeshConfig.expert = 2", cache=cache, devices=8)
-    assert "resumed from step 2" in out.stderr
-    l = losses(wd)
-    assert sorted(l) == [1, 2, 3, 4] and all(np.isfinite(v) for v in l.values())
+    run(wd, "train.num_steps = 2", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 8", cache=cache, devices=8)
+    out = run(wd, "train.num_steps = 4", "TrainConfig.checkpoint_every = 2", *DUALPIPEV, cache=cache, devices=4)
+    assert "resumed from step 2" in out.stderr and "stage layout None as StageLayout" in out.stderr
+    step, saved = final_params(wd)
+    layout = st.saved_layout(json.load(open(wd / "checkpoints" / str(step) / "meta" / "metadata")))
+    assert step == 4 and layout is not None and not layout.identity and layout.chunks == 2
+    model, _ = load_for_inference(str(wd))  # inference reads the slots back in layer order
+    want = st.from_slots(saved, layout)["moe_layers"]["blocks"]["ffn"]["experts"]["w1"]["value"]
+    np.testing.assert_array_equal(np.asarray(model.moe_layers.blocks.ffn.experts.w1[...]), np.asarray(want))
+    out = run(wd, "train.num_steps = 6", "TrainConfig.checkpoint_every = 2", "MeshConfig.data = 8",
+              cache=cache, devices=8)
+    assert "resumed from step 4" in out.stderr
+    got, ref = losses(wd), losses(reference)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [ref[k] for k in sorted(got)], rtol=2e-5)
 
 
 @pytest.mark.parametrize("binding,message", [

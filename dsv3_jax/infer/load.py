@@ -25,6 +25,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import CheckpointError, ConfigError
 from dsv3_jax.model import Transformer
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.parallel import stages as st
 from dsv3_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def load_for_inference(workdir: str | os.PathLike):
     cfg = ModelConfig(**meta["model"])
     if cfg.moe_impl == "ep":  # a layout for the training mesh; one device needs the local form
         cfg = cfg.replace(moe_impl="ragged")
+    stages = st.saved_layout(meta)  # a pipeline's slot layout the run kept its MoE stack in, if any
+    restored = {k: st.from_slots(restored[k], stages) for k in ("params", "biases")}
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     for path, var in nnx.to_flat_state(state):
         node = restored["biases" if isinstance(var, RouterBias) else "params"]

@@ -80,7 +80,7 @@ class TrainConfig:
     # pipeline parallelism (used when MeshConfig.pipeline > 1; dsv3_jax/train/pipeline.py)
     pipeline_schedule: str = "1f1b"  # "gpipe" (autodiff), "1f1b" or "dualpipev" (manual vjp, O(stages) activations)
     pipeline_microbatches: int = 0  # per step; divides the per-device batch; 0: one per sequence of it
-    pipeline_stage_layers: tuple[int, ...] = ()  # MoE layers per stage (train/stages.py); (): balanced
+    pipeline_stage_layers: tuple[int, ...] = ()  # MoE layers per stage (parallel/stages.py); (): balanced
     overlap_microbatches: bool = False  # the MoE stacks run as two interleaved halves (§2.3.1; block.py)
     # loop
     log_every: int = 1

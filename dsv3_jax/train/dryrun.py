@@ -7,7 +7,7 @@ gives, per device: parameters, biases and optimizer state (from their shardings)
 analysis of the compiled step (arguments, outputs, temporaries = activations and workspace), and
 the bytes each kind of collective moves per step (`parallel.hlo.collective_bytes`; for a pipeline,
 the collectives inside its per-tick slot conditionals are weighted by the fraction of ticks the
-schedule keeps busy, M / T, with the every-tick upper bound beside them).
+schedule keeps busy, C M / T (C stages per device), with the every-tick upper bound beside them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dsv3_jax.train.state import abstract_state
 
 def compile_step(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compiler_options=None):
     """-> (compiled step, abstract state with shardings). Allocates nothing of the model's size."""
-    graphdef, tx, state = abstract_state(model, optim, run.seed)
+    graphdef, tx, state = abstract_state(model, optim, run.seed, layout.stage_layout(model, run, mesh))
     sh = layout.state_shardings(state, mesh, model)
     state = abstract_with(state, sh)
     in_sh = batch_sharding(mesh, (run.batch_size, run.seq_len))
@@ -43,10 +43,11 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
     t0 = time.perf_counter()
     compiled, state = compile_step(model, run, optim, mesh, compiler_options)
     mem = compiled.memory_analysis()
-    busy = 1.0  # the pipeline's slot conditionals run their collectives on M of T ticks
+    busy = 1.0  # the pipeline's slot conditionals run their collectives on C M of T ticks
     if layout.pipelined(mesh, model):
         M = pipeline.resolve_microbatches(run.pipeline_microbatches, run.batch_size, mesh)
-        busy = M / pipeline.schedule_table(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M).shape[1]
+        ticks = pipeline.schedule_table(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M).shape[1]
+        busy = pipeline.CHUNKS[run.pipeline_schedule] * M / ticks
     text = compiled.as_text()
     return {
         "mesh": dict(mesh.shape),

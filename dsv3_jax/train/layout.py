@@ -4,7 +4,8 @@ tests and the benchmark.
   pipeline == 1: `train.step.make_train_step` under GSPMD; with moe_impl="ep" the MoE layers open
                  their own shard_map over the ambient mesh (`jax.set_mesh`).
   pipeline  > 1: `train.pipeline.make_pipeline_train_step` (one shard_map over every axis).
-Either way parameters follow the one rules table (`sharding.RULES`, by their logical axis names);
+Under a pipeline with uneven or V-shaped stages the state keeps the MoE stack in that pipeline's slot
+layout (`stage_layout`; `parallel/stages.py`). Either way parameters follow the one rules table (`sharding.RULES`, by their logical axis names);
 the optimizer state is ZeRO-1 sharded over the data-carrying axes (`sharding.opt_state_shardings`);
 step and rng are replicated.
 """
@@ -18,6 +19,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.train import pipeline
 from dsv3_jax.train.config import MeshConfig, TrainConfig
+from dsv3_jax.parallel.stages import StageLayout
 from dsv3_jax.train.step import make_train_step
 
 EXPERT = dict(sharding.RULES)["exp"]
@@ -52,15 +54,21 @@ def check_layout(model: ModelConfig, run: TrainConfig, mesh: MeshConfig, n_devic
                               "pipeline's micro-batches (TrainConfig.pipeline_microbatches) accumulate; use 1")
         pipeline.check_pipeline_layout(model, mesh.pipeline, run.pipeline_microbatches, run.batch_size // dp,
                                        mesh.expert, run.pipeline_schedule, run.pipeline_stage_layers)
-        stages = pipeline.stage_layout(model, mesh.pipeline, run.pipeline_schedule, run.pipeline_stage_layers)
-        if not stages.identity:  # make_loss_and_grads runs it (tests/test_pipeline.py); the state does not yet
-            raise ConfigError(f"{stages}: train.py does not yet keep the train state in this slot layout "
-                              "(uneven stages or dualpipev); use an even split with gpipe/1f1b")
     elif mesh.pipeline > 1:
         return (f"MeshConfig.pipeline={mesh.pipeline} with expert={mesh.expert} needs "
                 f"ModelConfig.moe_impl='ep' for the pipeline schedules; moe_impl={model.moe_impl!r} runs the "
                 "GSPMD step (layers sharded over the pipeline axis, no schedule)")
     return None
+
+
+def stage_layout(cfg: ModelConfig, run: TrainConfig, mesh: Mesh) -> StageLayout | None:
+    """The slot layout the train state keeps its MoE stack in on this mesh (`parallel/stages.py`):
+    the pipeline's, where it is uneven or V-shaped (DualPipeV); None where it is the model's own
+    [L, ...] (no pipeline, or an even split with one stage per device)."""
+    if not pipelined(mesh, cfg):
+        return None
+    stages = pipeline.stage_layout(cfg, mesh.shape[pipeline.PIPE], run.pipeline_schedule, run.pipeline_stage_layers)
+    return None if stages.identity else stages
 
 
 def state_shardings(abs_state: dict, mesh: Mesh, cfg: ModelConfig | None = None) -> dict:

@@ -54,13 +54,14 @@ from dsv3_jax.errors import ConfigError, UserError
 from dsv3_jax.flops import flops_per_token, measure_peak_flops, mfu
 from dsv3_jax.infer.engine import generate
 from dsv3_jax.parallel import multihost, xla_flags
-from dsv3_jax.sharding import batch_sharding, make_mesh
+from dsv3_jax.sharding import abstract_with, batch_sharding, make_mesh
 from dsv3_jax.train import dryrun, layout
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig, config_changes
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.preemption import PreemptionGuard, Stopped, exit_status, sigterm_interrupts
-from dsv3_jax.train.state import init_state
+from dsv3_jax.parallel import stages as st
+from dsv3_jax.train.state import abstract_state, convert_layout, init_state
 from dsv3_jax.train.step import make_eval_step
 
 
@@ -200,10 +201,15 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     ds = make_data(data, seq_len=run.seq_len, global_batch_size=run.batch_size, vocab_size=model.vocab_size,
                    workdir=workdir, process_index=share, process_count=n_shares,
                    keep_workdir_tokenizer=found is not None)
-    graphdef, tx, state, state_sh = init_state(model, optim, mesh_, run.seed)
+    stages = layout.stage_layout(model, run, mesh_)  # the pipeline's slot layout of the state, if not the model's
+    if stages is not None:
+        meta = {**meta, st.META: stages.to_json()}
+    graphdef, tx, state, state_sh = init_state(model, optim, mesh_, run.seed, stages)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=run.checkpoint_every,
                         keep=run.keep_checkpoints)
-    start, state = restore(ckpt, state, ds)  # verified: a finished run is one whose last step restores
+    # verified: a finished run is one whose last step restores
+    start, state = restore(ckpt, state, state_sh, ds, stages,
+                           lambda saved: abstract_state(model, optim, run.seed, saved)[2])
     if start >= num_steps:
         ckpt.close()
         print(f"already at step {start} (train.num_steps = {num_steps}): nothing to do", file=sys.stderr)
@@ -219,7 +225,7 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
                       in_shardings=(state_sh, in_sh, None, None), out_shardings=(state_sh, None))
     eval_fn = None
     if evaluates(ds, run, data):
-        eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh, in_sh))
+        eval_fn = jax.jit(make_eval_step(graphdef, stages), in_shardings=(state_sh, in_sh))
 
     def put(b):
         return {k: jax.make_array_from_process_local_data(in_sh, v, (run.batch_size, *v.shape[1:]))
@@ -232,7 +238,7 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     if "val_loss" in rec and ds.unigram_val_loss is not None:
         print(f"validation loss {rec['val_loss']:.3f} nats vs unigram baseline {ds.unigram_val_loss:.3f}",
               file=sys.stderr)
-    sample(graphdef, state, ds.tokenizer, run)
+    sample(graphdef, state, ds.tokenizer, run, stages)
     return state
 
 
@@ -288,12 +294,29 @@ def evaluates(ds, run: TrainConfig, data: DataConfig) -> bool:
     return False
 
 
-def restore(ckpt: Checkpointer, state, ds):
-    """-> (start step, state): the newest readable checkpoint, read straight into `state`'s layout."""
-    restored = ckpt.restore_latest(abstract_like(state))
+def restore(ckpt: Checkpointer, state, state_sh, ds, stages, abstract_in):
+    """-> (start step, state): the newest readable checkpoint, read straight into `state`'s shardings.
+
+    A step saved in another slot layout (another pipeline schedule or stage split: its meta's
+    `stage_layout`; `abstract_in(layout)` gives that state's shapes) is read in its own layout on
+    this mesh, then moved into `stages` (`state.convert_layout`)."""
+    mesh = jax.tree.leaves(state_sh)[0].mesh
+
+    def target(meta):
+        saved = st.saved_layout(meta)
+        if saved == stages:
+            return abstract_like(state)
+        abstract = abstract_in(saved)
+        return abstract_with(abstract, layout.state_shardings(abstract, mesh))
+
+    restored = ckpt.restore_latest(target)
     if restored is None:
         return 0, state
-    start, state, data_state, _ = restored
+    start, state, data_state, meta = restored
+    saved = st.saved_layout(meta)
+    if saved != stages:
+        print(f"resuming step {start} saved in stage layout {saved} as {stages}", file=sys.stderr)
+        state = jax.jit(lambda s: convert_layout(s, saved, stages), out_shardings=state_sh)(state)
     ds.set_state(data_state)
     return start, state
 
@@ -345,12 +368,13 @@ def evaluate(eval_fn, state, put, ds, n_batches: int) -> dict:
     return {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
 
 
-def sample(graphdef, state, tokenizer, run: TrainConfig) -> None:
+def sample(graphdef, state, tokenizer, run: TrainConfig, stages=None) -> None:
     """A short greedy continuation through the inference engine's latent-cache decoder."""
     if tokenizer is None or not run.sample_tokens:
         return
     prompt = tokenizer.encode(run.sample_prompt) or [tokenizer.eos_id]
-    res = generate(nnx.merge(graphdef, state["params"], state["biases"]), [prompt],
+    params, biases = st.from_slots(state["params"], stages), st.from_slots(state["biases"], stages)
+    res = generate(nnx.merge(graphdef, params, biases), [prompt],
                    max_new_tokens=run.sample_tokens, cache_dtype=jnp.float32)
     print("\n--- sample (greedy) ---\n" + tokenizer.decode(prompt + res.tokens[0]) + "\n---")
 

@@ -5,7 +5,7 @@ Shape letters (the package legend): N ranks (devices on the pipeline axis), C ch
 rank), M micro-batches, b sequences per micro-batch on a device, S sequence, D `dim`, Lm MoE slots
 per stage, E experts, Tk ticks.
 
-Stage layout (`train/stages.py`, V3 report §3.2 trains with PP16): the MoE layers are split over
+Stage layout (`parallel/stages.py`, V3 report §3.2 trains with PP16): the MoE layers are split over
 the stages unevenly if need be, in their real order, the embedding and dense layers on stage 0,
 the final norm, head and MTP modules on the last stage (MTP shares the head and the embedding).
 The train state holds the MoE stack in slots, [N C Lm, ...] sharded over `pipeline`; a stage skips
@@ -54,7 +54,7 @@ from dsv3_jax.errors import ConfigError
 from dsv3_jax.sharding import RULES, logical_to_spec
 from dsv3_jax.train import loss as L
 from dsv3_jax.train import schedule as sched_lib
-from dsv3_jax.train import stages as st
+from dsv3_jax.parallel import stages as st
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.balance import max_over_mean
 from dsv3_jax.train.step import apply_gradients

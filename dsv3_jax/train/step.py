@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from dsv3_jax.train import loss as L
+from dsv3_jax.parallel import stages as st
 from dsv3_jax.train.balance import max_over_mean, update_biases
 from dsv3_jax.train.config import TrainConfig
 
@@ -77,8 +78,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
     return step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, stages: st.StageLayout | None = None):
+    """eval_step(state, batch) -> validation losses, on the GSPMD forward of the model's own layout
+    (a state kept in a pipeline's slot layout, `stages`, is gathered back into layer order first)."""
     def eval_step(state, batch):
-        _, aux = loss_fn(state["params"], state["biases"], graphdef, batch["inputs"], batch["targets"], 0.0, 0.0)
+        params, biases = st.from_slots(state["params"], stages), st.from_slots(state["biases"], stages)
+        _, aux = loss_fn(params, biases, graphdef, batch["inputs"], batch["targets"], 0.0, 0.0)
         return {"val_loss": aux["loss"], "val_mtp_loss": aux["mtp_loss"]}
     return eval_step

@@ -37,6 +37,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ConfigError
 
 STACK = "moe_layers"  # the model's stacked MoE layers (model.py); the only stack split over stages
+META = "stage_layout"  # the checkpoint meta's key for the layout its state was saved in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,12 @@ class StageLayout:
     @classmethod
     def from_json(cls, d: dict) -> "StageLayout":
         return cls(tuple(int(n) for n in d["moe_per_stage"]), int(d["chunks"]))
+
+
+def saved_layout(meta: dict | None) -> StageLayout | None:
+    """The slot layout a checkpoint's state was saved in (its meta's `stage_layout`; None: the model's)."""
+    found = (meta or {}).get(META)
+    return StageLayout.from_json(found) if found else None
 
 
 def balanced(cfg: ModelConfig, stages: int) -> tuple[int, ...]:
@@ -137,9 +144,9 @@ def map_stack(fn, tree):
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(x) if _is_stack(p) else x, tree)
 
 
-def to_slots(tree, layout: StageLayout):
-    """Every leaf under `moe_layers`: [L, ...] -> [N C Lm, ...], spare slots zero."""
-    if layout.identity:
+def to_slots(tree, layout: StageLayout | None):
+    """Every leaf under `moe_layers`: [L, ...] -> [N C Lm, ...], spare slots zero (None: as it is)."""
+    if layout is None or layout.identity:
         return tree
     idx = layout.slot_layer.reshape(-1)
     take, spare = np.maximum(idx, 0), idx < 0
@@ -150,9 +157,9 @@ def to_slots(tree, layout: StageLayout):
     return map_stack(one, tree)
 
 
-def from_slots(tree, layout: StageLayout):
+def from_slots(tree, layout: StageLayout | None):
     """Inverse of to_slots: [N C Lm, ...] -> [L, ...] (the model's layer order)."""
-    if layout.identity:
+    if layout is None or layout.identity:
         return tree
     flat = layout.slot_layer.reshape(-1)
     where = np.argsort(np.where(flat < 0, np.iinfo(np.int32).max, flat), kind="stable")[:layout.n_layers]
