@@ -124,3 +124,47 @@ def test_balanced_split_counts_embedding_head_and_mtp():
     assert layout.n_layers == 58 and layout.slots == 4 and not layout.identity
     with pytest.raises(ValueError, match="pipeline_stage_layers"):
         st.make_layout(v3, 16, 1, (4,) * 16)  # 64 != 58
+
+
+@pytest.mark.slow
+def test_dualpipev_paired_tick_all_to_all_is_independent_of_the_paired_computation():
+    """DualPipeV pairs one micro-batch's forward (F) with another's backward (B) in a tick. In the
+    compiled program, the branch that runs a pair holds both, and no EP all-to-all of one half uses,
+    or is used by, any matmul of the other half: nothing stops a scheduler from running one's
+    dispatch and combine under the other's compute (V3 report §3.2.1)."""
+    from dsv3_jax.parallel import stages as st
+    from dsv3_jax.train import hlo
+    cfg = preset("tiny", n_layers=5, vocab_size=128, max_seq_len=32, moe_impl="ep")
+    mesh, M = make_mesh(1, 2, 4), 4
+    graphdef, params, biases = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    layout = pipeline.stage_layout(cfg, 2, "dualpipev")
+    abstract = [jax.eval_shape(lambda t: st.to_slots(t, layout), t) for t in (params, biases)]
+    sp, sb = (sharding.abstract_with(t, sharding.state_shardings(t, mesh)) for t in abstract)
+    tok = jax.ShapeDtypeStruct((M * 4, 16), jnp.int32, sharding=batch_sharding(mesh, (M * 4, 16)))
+    f = pipeline.make_loss_and_grads(graphdef, cfg, mesh, schedule="dualpipev", microbatches=M, alpha=1e-2,
+                                     layout=layout)
+    with jax.set_mesh(mesh):
+        text = jax.jit(f).lower(sp, sb, {"inputs": tok, "targets": tok}, 0.3).compile(COMPILE).as_text()
+    comps, _ = hlo.parse(text)
+
+    def half(ins, name):  # the instruction belongs to the pair's F or B (jax.named_scope in the tick)
+        return f"/{name}/" in ins.line
+
+    def a2a_in(comp, h):
+        return any(half(i, h) and any(op.opcode == "all-to-all" for op in hlo.nested(comps, i))
+                   for i in comp.instructions.values())
+
+    pairs = [c for c in comps.values() if a2a_in(c, "paired_f") and a2a_in(c, "paired_b")]
+    assert len(pairs) == 2, [c.name for c in pairs]  # F with a full B, F with an input-only (split) B
+    for body in pairs:
+        runs = {i.name: {op.opcode for op in hlo.nested(comps, i)} for i in body.instructions.values()}
+        part = {h: {n for n, i in body.instructions.items() if half(i, h)} for h in ("paired_f", "paired_b")}
+        for h, other in (("paired_f", "paired_b"), ("paired_b", "paired_f")):
+            a2a = [n for n in part[h] if "all-to-all" in runs[n]]
+            dots = [n for n in part[other] if "dot" in runs[n]]
+            assert a2a and dots, (body.name, h, a2a, dots)
+            for c in a2a:
+                ancestors = body.ancestors(c)
+                for d in dots:
+                    assert d not in ancestors, f"{h}'s {c} waits for {other}'s matmul {d} in {body.name}"
+                    assert c not in body.ancestors(d), f"{other}'s matmul {d} waits for {h}'s {c} in {body.name}"

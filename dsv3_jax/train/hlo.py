@@ -106,6 +106,21 @@ class Computation:
         return b in self.ancestors(a)
 
 
+def nested(comps: dict[str, Computation], ins: Instruction, seen: set | None = None) -> list[Instruction]:
+    """The instruction and every instruction it runs: fusions, calls, loop bodies, branches."""
+    seen = set() if seen is None else seen
+    callees = [name for _, name in _CALLS.findall(ins.attrs)]
+    for group in _BRANCHES.findall(ins.attrs):
+        callees += re.findall(r"%([\w.\-]+)", group)
+    out = [ins]
+    for callee in callees:
+        if callee in comps and callee not in seen:
+            seen.add(callee)
+            for inner in comps[callee].instructions.values():
+                out += nested(comps, inner, seen)
+    return out
+
+
 def parse(text: str) -> tuple[dict[str, Computation], str]:
     """HLO module text -> computations by name, and the entry computation's name."""
     comps, entry, current = {}, None, None

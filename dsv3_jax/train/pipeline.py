@@ -376,6 +376,7 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
                                                          targets, mtp_lambda)
     run = _stage_fn(plan, biases, inputs, targets, mtp_lambda)
     full, input_only, weights_only = _backward_ops(plan, run, params, axes)
+    backward = [full] + ([input_only] if has_split else [])  # indexed by the tick's b_split
     x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
     (_, loss_shape), aux_shape = jax.eval_shape(run, params, x0, 0, 0)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -391,11 +392,27 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
         slot = lambda op: (jnp.maximum(op[0], 0), jnp.maximum(op[1], 0))  # noqa: E731
         (fc, fm), (bc, bm), (wc, wm) = slot(row["f"][r]), slot(row["b"][r]), slot(row["w"][r])
         f_ok = (row["f"][r, 1] >= 0) & (stage_of(fc) < S - 1)  # the last stage's F runs inside its B
-        y = lax.cond(f_ok, lambda: run(params, inbuf[fc, fm % R], fm, fc)[0][0], lambda: jnp.zeros_like(x0))
         b_ok = row["b"][r, 1] >= 0
-        branches = [idle, full] + ([input_only] if has_split else [])
-        which = jnp.where(b_ok, 1 + (row["split"][r] if has_split else 0), 0)
-        dp, dx, loss, aux = lax.switch(which, branches, inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
+        forward = lambda: run(params, inbuf[fc, fm % R], fm, fc)[0][0]  # noqa: E731
+        b_args = (inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
+        split = row["split"][r] if has_split else 0
+        # One branch per tick and rank. Paired (F of one micro-batch and B of another in one
+        # computation, no data path between them): XLA may run one's EP all-to-alls under the
+        # other's matmuls (DualPipe's overlap; tests/test_pipeline.py checks the HLO). Apart: each
+        # its own conditional, so an idle slot computes nothing.
+        def apart():
+            y = lax.cond(f_ok, forward, lambda: jnp.zeros_like(x0))
+            return y, *lax.switch(jnp.where(b_ok, 1 + split, 0), [idle, *backward], *b_args)
+
+        def paired(b_op):
+            def both():
+                with jax.named_scope("paired_f"):
+                    y = forward()
+                with jax.named_scope("paired_b"):
+                    return y, *b_op(*b_args)
+            return both
+        y, dp, dx, loss, aux = lax.switch(jnp.where(f_ok & b_ok, 1 + split, 0),
+                                          [apart, *(paired(op) for op in backward)])
         grads = jax.tree.map(jnp.add, grads, dp)
         w_ok = row["w"][r, 1] >= 0
         if has_split:
