@@ -95,6 +95,9 @@ class ModelConfig:
     # the attention core (attention.py): "reference" (materializes [S,T] scores per head), "blockwise"
     # (pure-JAX flash, any backend), "splash" (TPU), "tokamax" / "cudnn" (GPU)
     attn_impl: str = "reference"
+    # training loss: the head's logits and cross entropy over this many tokens at a time, each
+    # chunk's logits recomputed in the backward (train/loss.chunked_cross_entropy); 0: all at once
+    loss_chunk: int = 0
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -155,6 +158,8 @@ class ModelConfig:
             bad("ep_combine", "expected 'bf16', 'fp32' or 'logfmtN' with 3 <= N <= 16")
         if self.ep_capacity_factor < 0:
             bad("ep_capacity_factor", "expected >= 0 (0: worst-case capacity, nothing dropped)")
+        if self.loss_chunk < 0:
+            bad("loss_chunk", "expected >= 0 (0: the whole sequence's logits at once)")
         if self.ep_chunks < 0:
             bad("ep_chunks", "expected >= 0 (0: one chunk per source shard, 1: no chunking)")
         if self.ep_transport not in ("all_to_all", "ragged_all_to_all"):

@@ -38,6 +38,10 @@ class ModelOutput:
     logits: jax.Array  # [B,S,V] float32, position i predicts token i+1
     mtp_logits: jax.Array | None  # [Dm,B,S,V] float32, depth k at position i predicts token i+k+1
     moe: MoEStats | None  # per MoE layer [L_moe + Dm, ...], MTP modules last
+    # forward(logits=False): the normalised hidden states the head would read, for a loss that takes
+    # the logits a chunk of tokens at a time (train/loss.chunked_cross_entropy); logits are then None
+    hidden: jax.Array | None = None  # [B,S,D]
+    mtp_hidden: jax.Array | None = None  # [Dm,B,S,D]
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
@@ -129,15 +133,20 @@ class Transformer(nnx.Module):
         return hs, MoEStats.concat(stats), (None if caches is None else tuple(new))
 
     def heads(self, h: jax.Array, tokens: jax.Array, ctx: Context, stats: MoEStats | None = None, *,
-              with_mtp: bool = True) -> ModelOutput:
+              with_mtp: bool = True, logits: bool = True) -> ModelOutput:
         """Final norm + head, and the MTP chain on the shared embedding and head (the last pipeline
-        stage's part). h [B,S,D] from `trunk`, tokens [B,S] the inputs, stats the trunk's."""
-        mtp_logits = None
+        stage's part). h [B,S,D] from `trunk`, tokens [B,S] the inputs, stats the trunk's.
+        logits=False: the normalised hidden states instead of the logits (ModelOutput.hidden)."""
+        mtp_hs = None
         if with_mtp and len(self.mtp):
             # depth 1 reads the main model's normalised output (as HF and vLLM do)
             hs, mtp_stats, _ = self.mtp_chain(self.norm(h), tokens, ctx)
-            mtp_logits = jnp.stack([self.logits(hk, m.norm) for hk, m in zip(hs, self.mtp)])
+            mtp_hs = [(hk, m.norm) for hk, m in zip(hs, self.mtp)]
             stats = MoEStats.concat([stats, mtp_stats])
+        if not logits:
+            return ModelOutput(None, None, stats, hidden=self.norm(h),
+                               mtp_hidden=None if mtp_hs is None else jnp.stack([n(hk) for hk, n in mtp_hs]))
+        mtp_logits = None if mtp_hs is None else jnp.stack([self.logits(hk, n) for hk, n in mtp_hs])
         return ModelOutput(logits=self.logits(h), mtp_logits=mtp_logits, moe=stats)
 
     # ---- the compositions ---------------------------------------------------------------------------
@@ -145,13 +154,15 @@ class Transformer(nnx.Module):
         """tokens [B,S] int -> float32 logits [B,S,V] of the main head."""
         return self.forward(tokens, with_mtp=False).logits
 
-    def forward(self, tokens: jax.Array, *, with_mtp: bool = True, overlap: bool = False) -> ModelOutput:
+    def forward(self, tokens: jax.Array, *, with_mtp: bool = True, overlap: bool = False,
+                logits: bool = True) -> ModelOutput:
         """Training forward: tokens [B,S] int -> ModelOutput (main logits, MTP logits, MoE statistics).
-        `overlap` runs the stacks as two interleaved micro-batches (block.py); same outputs."""
+        `overlap` runs the stacks as two interleaved micro-batches (block.py); same outputs.
+        logits=False: normalised hidden states instead of logits (`heads`)."""
         check_tokens(tokens, self.cfg.vocab_size)
         ctx = self.context(sequence_positions(*tokens.shape))
         h, stats, _ = self.trunk(self.embed(tokens), ctx, overlap=overlap)
-        return self.heads(h, tokens, ctx, stats, with_mtp=with_mtp)
+        return self.heads(h, tokens, ctx, stats, with_mtp=with_mtp, logits=logits)
 
     def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: Cache, *, form: str):
         """Inference forward over S new tokens at `positions` [B,S], attending over the cache's T

@@ -38,6 +38,17 @@ def test_schedule_tables_and_bubbles(P, M):
     # 1F1B keeps at most 2P-1 micro-batch inputs per stage (its ring), GPipe all M
     live = [(f[s, :, 0].cumsum() - f[s, :, 1].cumsum()).max() for s in range(P)]
     assert max(live) <= 2 * P - 1
+    # how often each tick branch runs (the dry run's collective counts): every forward but the
+    # last stage's (it runs inside its backward) once, alone or paired; every backward once
+    for schedule, C in (("1f1b", 1), ("dualpipev", 2)):
+        if schedule == "dualpipev" and M < 2 * P:
+            continue
+        w, ticks = pipeline.slot_weights(schedule, P, M), pipeline.schedule_table(schedule, P, M).shape[1]
+        runs = {k: v * ticks * P for k, v in w.items()}
+        assert runs["paired_f"] + runs["slot_f"] == pytest.approx(C * M * P - M)
+        assert runs["paired_b"] + runs["slot_b"] == pytest.approx(C * M * P)
+        assert (runs["slot_w"] > 0) == (schedule == "dualpipev")
+    assert pipeline.slot_weights("gpipe", P, M) == {"slot_f": M / (M + P - 1)}
 
 
 def _temp_bytes(schedule, M, mesh):

@@ -124,6 +124,26 @@ def test_cross_entropy_with_mask():
     assert float(cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1, 0]]))) == pytest.approx(-np.log(0.5))
 
 
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients():
+    """ModelConfig.loss_chunk: the head's cross entropy a few tokens at a time (MTP depths too, with
+    their masks; 24 tokens in chunks of 5 leaves a padded chunk) is the same loss with the same
+    gradients as the full [B,S,V] logits."""
+    from dsv3_jax.train.step import loss_fn
+    cfg = preset("tiny", vocab_size=128, max_seq_len=32)
+    graphdef, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    toks = jax.random.randint(jax.random.key(1), (2, 13), 0, cfg.vocab_size)
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)
+    (want, want_aux), want_g = grad(params, biases, graphdef, toks[:, :-1], toks[:, 1:], 0.3, 1e-2)
+    chunked = nnx.graphdef(Transformer(cfg.replace(loss_chunk=5), rngs=nnx.Rngs(0)))
+    (got, got_aux), got_g = grad(params, biases, chunked, toks[:, :-1], toks[:, 1:], 0.3, 1e-2)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(got_aux["mtp_loss"]) == pytest.approx(float(want_aux["mtp_loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    with pytest.raises(Exception, match="loss_chunk"):
+        cfg.replace(loss_chunk=-1)
+
+
 def test_every_gin_file_parses_and_model_files_match_the_presets():
     from dsv3_jax.train.main import parse_gin
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.gin"), recursive=True))

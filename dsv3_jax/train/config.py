@@ -149,7 +149,7 @@ RUN = {
 }
 FREE = {
     "model": ("max_seq_len", "init_std", "remat", "moe_impl", "ep_dispatch", "ep_combine", "ep_transport",
-              "ep_chunks", "fp8_kernel", "attn_impl"),
+              "ep_chunks", "fp8_kernel", "attn_impl", "loss_chunk"),
     "run": ("grad_accum", "seed", "pipeline_schedule", "pipeline_microbatches", "pipeline_stage_layers",
             "overlap_microbatches",
             "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",

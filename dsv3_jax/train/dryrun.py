@@ -5,9 +5,10 @@ Everything is abstract: the model comes from `nnx.eval_shape`, the optimizer sta
 shardings).compile()` on the devices jax sees (fake CPU devices: `--num_cpu_devices N`). The report
 gives, per device: parameters, biases and optimizer state (from their shardings), XLA's memory
 analysis of the compiled step (arguments, outputs, temporaries = activations and workspace), and
-the bytes each kind of collective moves per step (`parallel.hlo.collective_bytes`; for a pipeline,
-the collectives inside its per-tick slot conditionals are weighted by the fraction of ticks the
-schedule keeps busy, C M / T (C stages per device), with the every-tick upper bound beside them).
+the bytes each kind of collective moves per step (`train.hlo.collective_bytes`; for a pipeline,
+the collectives inside its per-tick slot branches are weighted by how often the schedule takes each
+branch, `pipeline.slot_weights`, with the every-branch-every-tick upper bound beside them; a stage's
+spare slots are counted as if they ran).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
     t0 = time.perf_counter()
     compiled, state = compile_step(model, run, optim, mesh, compiler_options)
     mem = compiled.memory_analysis()
-    busy = 1.0  # the pipeline's slot conditionals run their collectives on C M of T ticks
+    busy, weights = 1.0, None  # a pipeline's slot conditionals run their collectives on some ticks
     if layout.pipelined(mesh, model):
         M = pipeline.resolve_microbatches(run.pipeline_microbatches, run.batch_size, mesh)
         ticks = pipeline.schedule_table(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M).shape[1]
         busy = pipeline.CHUNKS[run.pipeline_schedule] * M / ticks
+        weights = pipeline.slot_weights(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M)
     text = compiled.as_text()
     return {
         "mesh": dict(mesh.shape),
@@ -56,7 +58,7 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
         "biases": per_device_bytes(state["biases"]),
         "opt": per_device_bytes(state["opt"]),
         "xla": {k: getattr(mem, k + "_size_in_bytes", None) for k in ("argument", "output", "alias", "temp")},
-        "collectives": hlo.collective_bytes(text, cond_weight=busy),
+        "collectives": hlo.collective_bytes(text, weights),
         "collectives_upper": hlo.collective_bytes(text),
         "busy": busy,
     }

@@ -3,8 +3,8 @@
 `jax.jit(f).lower(...).compile().as_text()` is one SPMD program (per device). Collectives inside a
 while loop run once per iteration: XLA records `known_trip_count` on the loop, and
 `collective_bytes` multiplies by it. Which branch of a conditional runs is not static: by default
-every branch counts every time (an upper bound); the pipeline passes the fraction of its ticks
-that do work.
+every branch counts every time (an upper bound); the pipeline names its slots' branches
+(`jax.named_scope`) and passes how often each runs.
 Bytes are per device: the result shape of the collective (what it receives), except reduce-scatter,
 whose operand is what it sends. XLA:CPU widens bf16 and fp8 collectives; `bytes` undoes that
 (the dtype the program sends, as on GPU), `cpu_bytes` keeps it.
@@ -146,30 +146,23 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
     return comps, entry
 
 
-def _executions(comps: dict[str, Computation], entry: str, cond_weight: float = 1.0) -> dict[str, float]:
-    """How many times each computation runs per call of the entry: loops by their known trip count;
-    the branches of an outermost conditional by `cond_weight` (1: every branch every time, an upper
-    bound), of nested conditionals by 1."""
+def _executions(comps: dict[str, Computation], entry: str) -> dict[str, float]:
+    """How many times each computation runs per call of the entry: loops by their known trip count,
+    every branch of a conditional every time (an upper bound; `collective_bytes` weighs by scope)."""
     count: dict[str, float] = defaultdict(float)
 
-    def visit(name: str, n: float, in_cond: bool):
+    def visit(name: str, n: float):
         count[name] += n
         for ins in comps[name].instructions.values():
             trip = int(m.group(1)) if (m := _TRIP.search(ins.attrs)) else 1
-            called = [(kind, c) for kind, c in _CALLS.findall(ins.attrs) if kind != "to_apply"]
+            called = [c for kind, c in _CALLS.findall(ins.attrs) if kind != "to_apply"]
             for b in _BRANCHES.findall(ins.attrs):
-                called += [("branch", c.strip().lstrip("%")) for c in b.split(",")]
-            for kind, c in called:
-                if c not in comps:
-                    continue
-                if ins.opcode == "while":
-                    visit(c, n * trip, in_cond)
-                elif ins.opcode == "conditional":
-                    visit(c, n * (1.0 if in_cond else cond_weight), True)
-                else:
-                    visit(c, n, in_cond)
+                called += [c.strip().lstrip("%") for c in b.split(",")]
+            for c in called:
+                if c in comps:
+                    visit(c, n * trip if ins.opcode == "while" else n)
 
-    visit(entry, 1.0, False)
+    visit(entry, 1.0)
     return count
 
 
@@ -207,13 +200,17 @@ def _sent_bytes(comps, comp: Computation, name: str) -> float:
     return size * min(1.0, _float_size(narrow.group(1)) / _float_size(wide.group(1)))
 
 
-def collective_bytes(text: str, cond_weight: float = 1.0) -> dict[str, dict[str, float]]:
+def collective_bytes(text: str, scopes: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Compiled HLO text -> {opcode: {"count": executions per step, "bytes": bytes per device as the
-    program sends them, "cpu_bytes": as this (CPU) executable moves them}}. `cond_weight`: the
-    fraction of a (outermost) conditional's executions that run its branches' collectives: the
-    pipeline's slots are busy M of T ticks (`pipeline.schedule_table`)."""
+    program sends them, "cpu_bytes": as this (CPU) executable moves them}}.
+
+    Every branch of a conditional counts every time, unless `scopes` says otherwise: a collective
+    traced under `jax.named_scope(s)` (its op_name holds "/s/") counts scopes[s] times as often, the
+    fraction of the executions of its conditional that take that branch (the pipeline's slots:
+    `pipeline.slot_weights`)."""
     comps, entry = parse(text)
-    runs = _executions(comps, entry, cond_weight)
+    runs = _executions(comps, entry)
+    scopes = scopes or {}
     out: dict[str, dict[str, float]] = {}
     for cname, comp in comps.items():
         for ins in comp.instructions.values():
@@ -226,10 +223,11 @@ def collective_bytes(text: str, cond_weight: float = 1.0) -> dict[str, dict[str,
             if op != "reduce-scatter":  # the others receive what their result holds
                 result = shape_bytes(ins.type) / (2 if ins.opcode.endswith("-start") else 1)  # async: (in, out)
                 sent, raw = (sent / raw * result if raw else result), result
+            n = runs[cname] * next((w for s, w in scopes.items() if f"/{s}/" in ins.line), 1.0)
             rec = out.setdefault(op, {"count": 0, "bytes": 0.0, "cpu_bytes": 0.0})
-            rec["count"] += runs[cname]
-            rec["bytes"] += runs[cname] * sent
-            rec["cpu_bytes"] += runs[cname] * raw
+            rec["count"] += n
+            rec["bytes"] += n * sent
+            rec["cpu_bytes"] += n * raw
     return out
 
 

@@ -26,28 +26,64 @@ def cross_entropy(logits, targets, mask=None):
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def mtp_loss(mtp_logits, targets):
-    """Mean over depths of the MTP cross entropy. mtp_logits [Dm,B,S,V], targets [B,S].
+def chunked_cross_entropy(h, head, targets, mask=None, chunk: int = 1024):
+    """cross_entropy(h @ head^T, targets, mask) without the [B,S,V] logits: `chunk` tokens at a time
+    in a scan, each chunk's logits recomputed in the backward (jax.checkpoint), so one chunk's
+    [chunk, V] float32 logits are live instead of the whole sequence's (V3: 2 GiB per 4096 tokens,
+    and a few copies in the backward). h [B,S,D] normalised, head [V,D], targets [B,S] int."""
+    D = h.shape[-1]
+    h, targets = h.reshape(-1, D), targets.reshape(-1)
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    chunk = min(chunk, h.shape[0])
+    pad = -h.shape[0] % chunk  # padded tokens are masked out
+    h, targets, mask = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (h, targets, mask))
+    w = head.astype(h.dtype)
+
+    @jax.checkpoint
+    def nll_sum(hc, tc, mc):
+        logits = jnp.einsum("td,vd->tv", hc, w, preferred_element_type=jnp.float32)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return (nll * mc).sum()
+
+    def body(total, xs):
+        return total + nll_sum(*xs), None
+    split = lambda x: x.reshape(-1, chunk, *x.shape[1:])  # noqa: E731
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(targets), split(mask)))
+    return total / jnp.maximum(mask.sum(), 1.0)
+
+
+def mtp_loss(ce, n_depths: int, targets):
+    """Mean over depths of the MTP cross entropy; ce(k, targets_k, mask_k) is depth k's.
 
     Depth k at position i predicts the token after t_{i+k}, i.e. targets[:, i+k]; the last k
     positions have no target and are masked.
     """
     S = targets.shape[1]
     per_depth = []
-    for k in range(1, mtp_logits.shape[0] + 1):
+    for k in range(1, n_depths + 1):
         valid = jnp.broadcast_to(jnp.arange(S) < S - k, targets.shape)
-        per_depth.append(cross_entropy(mtp_logits[k - 1], shift_tokens(targets, k), valid))
+        per_depth.append(ce(k, shift_tokens(targets, k), valid))
     return jnp.mean(jnp.stack(per_depth))
 
 
-def losses(out: ModelOutput, targets) -> dict:
+def losses(out: ModelOutput, targets, head=None, chunk: int = 0) -> dict:
     """-> {loss: main CE, mtp_loss, balance_sum: the balance losses of the MoE layers in `out`,
-    summed (divide by the model's MoE layer count for the mean)}; float32 scalars."""
-    ce = cross_entropy(out.logits, targets)
+    summed (divide by the model's MoE layer count for the mean)}; float32 scalars.
+
+    `out` holds logits, or (Transformer.forward(logits=False)) the normalised hidden states, whose
+    logits against `head` [V,D] are then taken `chunk` tokens at a time (chunked_cross_entropy)."""
+    if out.logits is not None:
+        ce = cross_entropy(out.logits, targets)
+        mtp = out.mtp_logits
+        depth_ce = lambda k, t, m: cross_entropy(mtp[k - 1], t, m)  # noqa: E731
+    else:
+        ce = chunked_cross_entropy(out.hidden, head, targets, None, chunk)
+        mtp = out.mtp_hidden
+        depth_ce = lambda k, t, m: chunked_cross_entropy(mtp[k - 1], head, t, m, chunk)  # noqa: E731
     zero = 0.0 * ce  # not a constant: inside a shard_map it must vary over the mesh like ce
     return {
         "loss": ce,
-        "mtp_loss": zero if out.mtp_logits is None else mtp_loss(out.mtp_logits, targets),
+        "mtp_loss": zero if mtp is None else mtp_loss(depth_ce, mtp.shape[0], targets),
         "balance_sum": zero if out.moe is None else out.moe.balance.sum(),
     }
 

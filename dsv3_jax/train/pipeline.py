@@ -146,8 +146,9 @@ def stage_forward(model, stage, n_stages, x_in, tokens, targets, mtp_lambda, alp
                                     active=active)
 
     def last():
-        out = model.heads(h, tokens, ctx)  # final norm, head, the MTP chain; out.moe: the MTP modules'
-        terms = L.losses(out, targets)
+        # final norm, head, the MTP chain; out.moe: the MTP modules'
+        out = model.heads(h, tokens, ctx, logits=not cfg.loss_chunk)
+        terms = L.losses(out, targets, model.head[...], cfg.loss_chunk)
         return terms["loss"], terms["mtp_loss"], out.moe
 
     shapes = jax.eval_shape(last)
@@ -258,7 +259,8 @@ def _gpipe_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
         act, acc = carry
         i = t - r
         ok = (i >= 0) & (i < M)
-        y, loss, aux = lax.cond(ok, lambda: run(act, jnp.clip(i, 0, M - 1)), lambda: zero_out)
+        with jax.named_scope("slot_f"):  # the scope `slot_weights` counts
+            y, loss, aux = lax.cond(ok, lambda: run(act, jnp.clip(i, 0, M - 1)), lambda: zero_out)
         acc = jax.tree.map(jnp.add, acc, {"loss": loss, "aux": aux})
         act = lax.ppermute(y, PIPE, [(k, k + 1) for k in range(N - 1)])
         return (act, acc), jnp.stack([ok, jnp.zeros_like(ok), jnp.zeros_like(ok)]).astype(jnp.int32)
@@ -346,19 +348,21 @@ def _backward_ops(plan: _Plan, run, params, axes):
         dy = jnp.where(stage == S - 1, jnp.zeros_like(dy), dy)
         return dy, lax.pcast(jnp.asarray(seed, loss.dtype), axes, to="varying")
 
-    def full(x, dy, m, c):
+    # Each takes the running weight-gradient sum and returns it updated: a branch that adds nothing
+    # returns it as it is, so no params-sized zeros or partial sums are ever materialised.
+    def full(grads, x, dy, m, c):
         (_, loss), vjp, aux = jax.vjp(lambda p, x: run(p, x, m, c), params, x, has_aux=True)
         dp, dx = vjp(cot(c, dy, loss))
-        return dp, dx, loss, aux
+        return jax.tree.map(jnp.add, grads, dp), dx, loss, aux
 
-    def input_only(x, dy, m, c):  # params are constants here: XLA drops the weight-gradient GEMMs
+    def input_only(grads, x, dy, m, c):  # params are constants here: XLA drops the weight-gradient GEMMs
         (_, loss), vjp, aux = jax.vjp(lambda x: run(params, x, m, c), x, has_aux=True)
         (dx,) = vjp(cot(c, dy, loss))
-        return jax.tree.map(jnp.zeros_like, params), dx, loss, aux
+        return grads, dx, loss, aux
 
-    def weights_only(x, dy, m, c):
+    def weights_only(grads, x, dy, m, c):
         (_, loss), vjp, _ = jax.vjp(lambda p: run(p, x, m, c), params, has_aux=True)
-        return vjp(cot(c, dy, loss))[0]
+        return jax.tree.map(jnp.add, grads, vjp(cot(c, dy, loss))[0])
 
     return full, input_only, weights_only
 
@@ -379,8 +383,7 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
     backward = [full] + ([input_only] if has_split else [])  # indexed by the tick's b_split
     x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
     (_, loss_shape), aux_shape = jax.eval_shape(run, params, x0, 0, 0)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    idle = lambda *_: (zero_grads, jnp.zeros_like(x0), _zeros(loss_shape, axes), _zeros(aux_shape, axes))  # noqa: E731
+    idle = lambda grads, *_: (grads, jnp.zeros_like(x0), _zeros(loss_shape, axes), _zeros(aux_shape, axes))  # noqa: E731
     stage_of = lambda c: r if C == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)  # noqa: E731
 
     def tick(carry, row):
@@ -394,15 +397,17 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
         f_ok = (row["f"][r, 1] >= 0) & (stage_of(fc) < S - 1)  # the last stage's F runs inside its B
         b_ok = row["b"][r, 1] >= 0
         forward = lambda: run(params, inbuf[fc, fm % R], fm, fc)[0][0]  # noqa: E731
-        b_args = (inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
+        b_args = (grads, inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
         split = row["split"][r] if has_split else 0
         # One branch per tick and rank. Paired (F of one micro-batch and B of another in one
         # computation, no data path between them): XLA may run one's EP all-to-alls under the
         # other's matmuls (DualPipe's overlap; tests/test_pipeline.py checks the HLO). Apart: each
         # its own conditional, so an idle slot computes nothing.
-        def apart():
-            y = lax.cond(f_ok, forward, lambda: jnp.zeros_like(x0))
-            return y, *lax.switch(jnp.where(b_ok, 1 + split, 0), [idle, *backward], *b_args)
+        def apart():  # named scopes: how often each runs, `slot_weights`
+            with jax.named_scope("slot_f"):
+                y = lax.cond(f_ok, forward, lambda: jnp.zeros_like(x0))
+            with jax.named_scope("slot_b"):
+                return y, *lax.switch(jnp.where(b_ok, 1 + split, 0), [idle, *backward], *b_args)
 
         def paired(b_op):
             def both():
@@ -411,21 +416,20 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
                 with jax.named_scope("paired_b"):
                     return y, *b_op(*b_args)
             return both
-        y, dp, dx, loss, aux = lax.switch(jnp.where(f_ok & b_ok, 1 + split, 0),
-                                          [apart, *(paired(op) for op in backward)])
-        grads = jax.tree.map(jnp.add, grads, dp)
+        y, grads, dx, loss, aux = lax.switch(jnp.where(f_ok & b_ok, 1 + split, 0),
+                                             [apart, *(paired(op) for op in backward)])
         w_ok = row["w"][r, 1] >= 0
         if has_split:
-            dw = lax.cond(w_ok, lambda: weights_only(inbuf[wc, wm % R], gbuf[wc, wm % R], wm, wc),
-                          lambda: zero_grads)
-            grads = jax.tree.map(jnp.add, grads, dw)
+            with jax.named_scope("slot_w"):
+                grads = lax.cond(w_ok, lambda: weights_only(grads, inbuf[wc, wm % R], gbuf[wc, wm % R], wm, wc),
+                                 lambda: grads)
         acc = {"loss": acc["loss"] + loss, "aux": _place(plan, acc["aux"], aux, bc)}
         arrived = (_send(y, row["f_dir"][r], N, used["f"]), _send(dx, row["b_dir"][r], N, used["b"]))
         return (inbuf, gbuf, arrived, grads, acc), jnp.stack([row["f"][r, 1] >= 0, b_ok, w_ok]).astype(jnp.int32)
 
     ring = _zeros(jax.ShapeDtypeStruct((C, R, *x0.shape), x0.dtype), axes)
     three = (jnp.zeros_like(x0),) * 3
-    carry = (ring, ring, (three, three), zero_grads,
+    carry = (ring, ring, (three, three), jax.tree.map(jnp.zeros_like, params),
              {"loss": _zeros(loss_shape, axes), "aux": _acc_zeros(plan, aux_shape, axes)})
     xs = {k: jnp.asarray(v) for k, v in tabs.items()}
     (_, _, _, grads, acc), activity = lax.scan(tick, carry, xs)
@@ -527,6 +531,22 @@ def bubble(activity) -> jax.Array:
     activity = jnp.asarray(activity)
     kinds = (activity.sum(axis=tuple(range(activity.ndim - 1))) > 0).sum()
     return 1.0 - activity.sum() / (activity[..., 0].size * kinds)
+
+
+def slot_weights(schedule: str, ranks: int, microbatches: int) -> dict[str, float]:
+    """How often each named branch of a tick runs, per tick and averaged over ranks: paired_f and
+    paired_b (a pair in one branch), slot_f, slot_b, slot_w (alone). For `hlo.collective_bytes`,
+    which otherwise counts every branch of every tick."""
+    N, M = ranks, microbatches
+    if schedule == "gpipe":  # one forward slot per tick, M of M + N - 1 busy; its backward mirrors it
+        return {"slot_f": M / (M + N - 1)}
+    s = sched_lib.build(schedule, N, M)
+    stage = np.vectorize(s.stage)(np.arange(N)[None, :], np.maximum(s.f[..., 0], 0))
+    f = (s.f[..., 1] >= 0) & (stage < s.stages - 1)  # the last stage's F runs inside its B
+    b, w = s.b[..., 1] >= 0, s.w[..., 1] >= 0
+    share = lambda x: float(x.mean())  # noqa: E731  (over ticks and ranks)
+    return {"paired_f": share(f & b), "paired_b": share(f & b), "slot_f": share(f & ~b),
+            "slot_b": share(b & ~f), "slot_w": share(w)}
 
 
 def schedule_table(schedule: str, ranks: int, microbatches: int) -> np.ndarray:

@@ -24,8 +24,9 @@ from dsv3_jax.train.config import TrainConfig
 def loss_fn(params, biases, graphdef, inputs, targets, mtp_lambda, alpha, overlap: bool = False):
     """-> total loss, aux {loss, mtp_loss, balance_loss, load [L,E]}."""
     model = nnx.merge(graphdef, params, biases)
-    out = model.forward(inputs, overlap=overlap)
-    terms = L.losses(out, targets)
+    chunk = model.cfg.loss_chunk
+    out = model.forward(inputs, overlap=overlap, logits=not chunk)
+    terms = L.losses(out, targets, model.head[...], chunk)
     n = L.n_balance_layers(model.cfg)
     aux = {"loss": terms["loss"], "mtp_loss": terms["mtp_loss"], "balance_loss": terms["balance_sum"] / max(n, 1),
            "load": out.moe.load if out.moe is not None else jnp.zeros((0, 1), jnp.int32)}
