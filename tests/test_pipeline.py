@@ -79,6 +79,34 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     assert growth["1f1b"] < x_bytes, growth
 
 
+@pytest.mark.parametrize("schedule,P,M", [("1f1b", 4, 8), ("1f1b", 16, 32), ("dualpipev", 4, 8),
+                                          ("dualpipev", 16, 32), ("dualpipev", 16, 64)])
+def test_stash_buffers_hold_each_value_until_its_last_read_and_no_more_slots(schedule, P, M):
+    """Replaying the executor's stores and reads on the host: every read finds the value it wants
+    (nothing overwritten early), and the buffers have as many slots as the most values any rank
+    holds at once: DualPipeV's 2P+1 inputs (its README's PP+1 chunk activations, counted at the
+    lockstep ticks) and P output gradients."""
+    from dsv3_jax.train import schedule as sched_lib
+    s = sched_lib.build(schedule, P, M)
+    tabs = pipeline.routes(s)
+    slots, sizes = pipeline.buffer_slots(s, tabs)
+    for kind, reads, suffix in (("act", "fbw", "_x"), ("grad", "bw", "_dy")):
+        held = np.full((P, sizes[kind], 2), -1)
+        for t in range(s.ticks):
+            for r in range(P):
+                for i in range(3):
+                    if tabs[kind + "_in"][t, r, i, 1] >= 0:
+                        held[r, slots[kind + "_slot"][t, r, i]] = tabs[kind + "_in"][t, r, i]
+                for op in reads:
+                    c, m = tabs[op][t, r]
+                    stored = (tabs[kind + "_in"][:t + 1, r, :, :] == (c, m)).all(-1).any()
+                    if m >= 0 and stored:
+                        np.testing.assert_array_equal(held[r, slots[op + suffix][t, r]], (c, m), err_msg=(kind, op, t, r))
+        assert sizes[kind] <= (2 * P + 1 if kind == "act" else P)
+    if schedule == "dualpipev":
+        assert (sizes["act"], sizes["grad"]) == (2 * P + 1, P)
+
+
 def _uneven(schedule, mesh_shape, n_layers, M):
     """A pipelined step over an uneven slot layout against the single-device step: loss, MTP and
     balance losses, gradients (brought back to layer order), loads."""
@@ -87,8 +115,11 @@ def _uneven(schedule, mesh_shape, n_layers, M):
     cfg = preset("tiny", n_layers=n_layers, vocab_size=128, max_seq_len=32, moe_impl="ep",
                  ep_dispatch="fp32", ep_combine="fp32")
     _, params, biases = split_model(Transformer(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0)))
+    if schedule == "dualpipev":  # and the head's loss in chunks of tokens (ModelConfig.loss_chunk)
+        cfg = cfg.replace(loss_chunk=8)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.replace(moe_impl="ragged"), rngs=nnx.Rngs(0))))
+    ref_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.replace(moe_impl="ragged", loss_chunk=0),
+                                                                   rngs=nnx.Rngs(0))))
     biases = jax.tree.map(lambda b: b + 0.01 * jax.random.normal(jax.random.key(3), b.shape), biases)
     toks = jax.random.randint(jax.random.key(1), (M * mesh_shape[0] * mesh_shape[2], 17), 0, cfg.vocab_size)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.model import ModelOutput
 from dsv3_jax.mtp import shift_tokens
+from dsv3_jax.vma import vary_like
 
 
 def cross_entropy(logits, targets, mask=None):
@@ -48,7 +49,8 @@ def chunked_cross_entropy(h, head, targets, mask=None, chunk: int = 1024):
     def body(total, xs):
         return total + nll_sum(*xs), None
     split = lambda x: x.reshape(-1, chunk, *x.shape[1:])  # noqa: E731
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(targets), split(mask)))
+    zero = vary_like(jnp.zeros((), jnp.float32), h, w, targets, mask)  # inside a shard_map: varies as they do
+    total, _ = jax.lax.scan(body, zero, (split(h), split(targets), split(mask)))
     return total / jnp.maximum(mask.sum(), 1.0)
 
 

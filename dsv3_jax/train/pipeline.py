@@ -28,7 +28,9 @@ Activations and gradients move between ranks with `ppermute` once per tick.
 Both manual schedules run the table of `schedule.build`: per tick a rank does at most one F, B and
 W; a backward recomputes its stage from the stashed input under `jax.vjp` (a split B differentiates
 the input only, its W the weights only, each recomputing the stage); inputs and output gradients
-wait in rings of `Schedule.ring` slots per chunk, so activation memory does not grow with M. The
+wait in two buffers whose slots `routes` assigns on the host (an entry holds a slot from its
+arrival to its last use), each as large as the most entries any rank holds at once (DualPipeV's
+2N+1 inputs and N output gradients at N ranks), so activation memory does not grow with M. The
 last stage computes the loss inside its backward. Idle slots are skipped with `lax.cond` (their
 collectives stay inside the expert group, whose devices share a rank, so every member takes the
 same branch). Every schedule returns its executed tick table, from which `bubble` reports idle
@@ -299,10 +301,51 @@ def routes(s: sched_lib.Schedule) -> dict:
     return out
 
 
-def _store(buf, c, m, ring, value):
-    """buf [C, R, ...]: write value into slot (c, m % ring) if m >= 0 (one in-place update)."""
-    cc, slot = jnp.maximum(c, 0), jnp.maximum(m, 0) % ring
-    return buf.at[cc, slot].set(jnp.where(m >= 0, value, buf[cc, slot]))
+def buffer_slots(s: sched_lib.Schedule, tabs: dict) -> tuple[dict, dict]:
+    """Host-side: which buffer slot each stashed value lives in, per rank.
+
+    An input (chunk, micro-batch) is stored when it arrives and read by its F, B and W; an output
+    gradient is stored when it arrives and read by its B and W. A slot is free again the tick after
+    its entry's last read (stores come first in a tick). -> ({act_slot, grad_slot [Tk, N, 3]: the
+    slot each arrival goes to, -1 none; f_x, b_x, w_x: the input slot each op reads; b_dy, w_dy: the
+    gradient slot, 0 where the op reads nothing}, {"act": slots, "grad": slots})."""
+    Tk, N = s.ticks, s.ranks
+    out, sizes = {}, {}
+    for kind, reads in (("act", ("f", "b", "w")), ("grad", ("b", "w"))):
+        arrive = tabs[kind + "_in"]
+        last = {}  # (rank, chunk, micro-batch) -> last tick that reads it
+        for op in reads:
+            for t, r in zip(*np.nonzero(tabs[op][..., 1] >= 0)):
+                key = (r, *tabs[op][t, r])
+                last[key] = max(last.get(key, t), t)
+        slot_in = np.full((Tk, N, 3), -1, np.int32)
+        read = {op: np.zeros((Tk, N), np.int32) for op in reads}
+        size = 1
+        for r in range(N):
+            where, busy_until = {}, []  # busy_until[slot]: the last tick its entry is read
+            for t in range(Tk):
+                for i in range(3):
+                    c, m = arrive[t, r, i]
+                    if m < 0:
+                        continue
+                    free = [k for k, u in enumerate(busy_until) if u < t]
+                    k = free[0] if free else len(busy_until)
+                    busy_until[k:k + 1] = [last.get((r, c, m), t)]
+                    where[(c, m)] = slot_in[t, r, i] = k
+                for op in reads:
+                    c, m = tabs[op][t, r]
+                    read[op][t, r] = where.get((c, m), 0)  # 0: an op with nothing stashed (stage 0's input)
+            size = max(size, len(busy_until))
+        out[kind + "_slot"] = slot_in
+        out.update({op + ("_x" if kind == "act" else "_dy"): v for op, v in read.items()})
+        sizes[kind] = size
+    return out, sizes
+
+
+def _store(buf, slot, value):
+    """buf [R, ...]: write value into `slot` if slot >= 0 (one in-place update)."""
+    k = jnp.maximum(slot, 0)
+    return buf.at[k].set(jnp.where(slot >= 0, value, buf[k]))
 
 
 def _send(value, direction, N, used):
@@ -370,7 +413,8 @@ def _backward_ops(plan: _Plan, run, params, axes):
 def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
     axes, N, M, S = plan.axes, plan.ranks, plan.microbatches, plan.layout.stages
     sched = sched_lib.build(plan.schedule, N, M)
-    R, C, tabs = sched.ring, sched.chunks, routes(sched)
+    C, tabs = sched.chunks, routes(sched)
+    slots, sizes = buffer_slots(sched, tabs)
     has_split = bool(sched.b_split.any())
     used = {k: {"down": bool((tabs[k + "_dir"] == 1).any()), "up": bool((tabs[k + "_dir"] == -1).any())}
             for k in ("f", "b")}
@@ -389,15 +433,15 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
     def tick(carry, row):
         inbuf, gbuf, arrived, grads, acc = carry
         for i in arrives["act"]:
-            inbuf = _store(inbuf, row["act_in"][r, i, 0], row["act_in"][r, i, 1], R, arrived[0][i])
+            inbuf = _store(inbuf, row["act_slot"][r, i], arrived[0][i])
         for i in arrives["grad"]:
-            gbuf = _store(gbuf, row["grad_in"][r, i, 0], row["grad_in"][r, i, 1], R, arrived[1][i])
+            gbuf = _store(gbuf, row["grad_slot"][r, i], arrived[1][i])
         slot = lambda op: (jnp.maximum(op[0], 0), jnp.maximum(op[1], 0))  # noqa: E731
         (fc, fm), (bc, bm), (wc, wm) = slot(row["f"][r]), slot(row["b"][r]), slot(row["w"][r])
         f_ok = (row["f"][r, 1] >= 0) & (stage_of(fc) < S - 1)  # the last stage's F runs inside its B
         b_ok = row["b"][r, 1] >= 0
-        forward = lambda: run(params, inbuf[fc, fm % R], fm, fc)[0][0]  # noqa: E731
-        b_args = (grads, inbuf[bc, bm % R], gbuf[bc, bm % R], bm, bc)
+        forward = lambda: run(params, inbuf[row["f_x"][r]], fm, fc)[0][0]  # noqa: E731
+        b_args = (grads, inbuf[row["b_x"][r]], gbuf[row["b_dy"][r]], bm, bc)
         split = row["split"][r] if has_split else 0
         # One branch per tick and rank. Paired (F of one micro-batch and B of another in one
         # computation, no data path between them): XLA may run one's EP all-to-alls under the
@@ -421,17 +465,17 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
         w_ok = row["w"][r, 1] >= 0
         if has_split:
             with jax.named_scope("slot_w"):
-                grads = lax.cond(w_ok, lambda: weights_only(grads, inbuf[wc, wm % R], gbuf[wc, wm % R], wm, wc),
+                grads = lax.cond(w_ok, lambda: weights_only(grads, inbuf[row["w_x"][r]], gbuf[row["w_dy"][r]], wm, wc),
                                  lambda: grads)
         acc = {"loss": acc["loss"] + loss, "aux": _place(plan, acc["aux"], aux, bc)}
         arrived = (_send(y, row["f_dir"][r], N, used["f"]), _send(dx, row["b_dir"][r], N, used["b"]))
         return (inbuf, gbuf, arrived, grads, acc), jnp.stack([row["f"][r, 1] >= 0, b_ok, w_ok]).astype(jnp.int32)
 
-    ring = _zeros(jax.ShapeDtypeStruct((C, R, *x0.shape), x0.dtype), axes)
+    buf = lambda n: _zeros(jax.ShapeDtypeStruct((n, *x0.shape), x0.dtype), axes)  # noqa: E731
     three = (jnp.zeros_like(x0),) * 3
-    carry = (ring, ring, (three, three), jax.tree.map(jnp.zeros_like, params),
+    carry = (buf(sizes["act"]), buf(sizes["grad"]), (three, three), jax.tree.map(jnp.zeros_like, params),
              {"loss": _zeros(loss_shape, axes), "aux": _acc_zeros(plan, aux_shape, axes)})
-    xs = {k: jnp.asarray(v) for k, v in tabs.items()}
+    xs = {k: jnp.asarray(v) for k, v in {**tabs, **slots}.items() if not k.endswith("_in")}
     (_, _, _, grads, acc), activity = lax.scan(tick, carry, xs)
     grads = _per_spec(lax.psum, grads, pspecs, axes)  # the one gradient all-reduce of the step
     loss, aux = _finish(plan, acc, activity)
