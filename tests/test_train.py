@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def run(workdir, *bindings, cache=None, devices=None, check=True, wait=True, gin_files=BASE):
+def run(workdir, *bindings, cache=None, devices=None, check=True, wait=True, gin_files=BASE, flags=()):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the device count is train.py's flag, not the test process's
     if cache:
@@ -37,6 +37,7 @@ def run(workdir, *bindings, cache=None, devices=None, check=True, wait=True, gin
         cmd += ["--gin_bindings", b]
     if devices:
         cmd += ["--num_cpu_devices", str(devices)]
+    cmd += list(flags)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -142,6 +143,19 @@ def test_resume_across_meshes_and_a_dualpipev_slot_layout(reference, tmp_path, c
     got, ref = losses(wd), losses(reference)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[k] for k in sorted(got)], [ref[k] for k in sorted(got)], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_dry_run_reports_memory_and_writes_the_operative_config(tmp_path, cache):
+    """train.py --dry_run compiles the step for the mesh without allocating the model: DualPipeV
+    over 3 MoE layers on 2 ranks (4 uneven stages), per-device memory with the pipeline's stash."""
+    wd = tmp_path / "dry"
+    out = run(wd, "ModelConfig.n_layers = 4", *DUALPIPEV, cache=cache, devices=4, flags=["--dry_run"])
+    assert "per-device total: " in out.stdout and "5 stage inputs + 2 output gradients" in out.stdout, out.stdout
+    total = float(out.stdout.split("per-device total: ")[1].split(" GiB")[0])
+    assert 0 < total < 1
+    assert "pipeline_schedule = 'dualpipev'" in (wd / "config.gin").read_text()
+    assert not (wd / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("binding,message", [

@@ -44,12 +44,16 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
     t0 = time.perf_counter()
     compiled, state = compile_step(model, run, optim, mesh, compiler_options)
     mem = compiled.memory_analysis()
-    busy, weights = 1.0, None  # a pipeline's slot conditionals run their collectives on some ticks
+    busy, weights, stash = 1.0, None, None  # a pipeline's slot conditionals run their collectives on some ticks
     if layout.pipelined(mesh, model):
-        M = pipeline.resolve_microbatches(run.pipeline_microbatches, run.batch_size, mesh)
-        ticks = pipeline.schedule_table(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M).shape[1]
+        N, M = mesh.shape[pipeline.PIPE], pipeline.resolve_microbatches(run.pipeline_microbatches, run.batch_size, mesh)
+        ticks = pipeline.schedule_table(run.pipeline_schedule, N, M).shape[1]
         busy = pipeline.CHUNKS[run.pipeline_schedule] * M / ticks
-        weights = pipeline.slot_weights(run.pipeline_schedule, mesh.shape[pipeline.PIPE], M)
+        weights = pipeline.slot_weights(run.pipeline_schedule, N, M)
+        stash = pipeline.stash_slots(run.pipeline_schedule, N, M)
+        if stash is not None:  # each entry one micro-batch's stage input [rows, S, D] on this device
+            rows = run.batch_size // (math.prod(mesh.shape.values()) // N) // M
+            stash["bytes"] = (stash["act"] + stash["grad"]) * rows * run.seq_len * model.dim * jnp.dtype(model.dtype).itemsize
     text = compiled.as_text()
     return {
         "mesh": dict(mesh.shape),
@@ -61,6 +65,7 @@ def report(model: ModelConfig, run: TrainConfig, optim: OptimConfig, mesh, compi
         "collectives": hlo.collective_bytes(text, weights),
         "collectives_upper": hlo.collective_bytes(text),
         "busy": busy,
+        "stash": stash,
     }
 
 
@@ -80,8 +85,12 @@ def format_report(r: dict, tokens_per_step: int) -> str:
              f"  optimizer (ZeRO-1)  {fb(r['opt'])}"]
     x = r["xla"]
     lines += [f"  XLA arguments       {fb(x['argument'])}  (state + batch)",
-              f"  XLA temporaries     {fb(x['temp'])}  (activations, gradients, workspace)",
-              f"  XLA outputs         {fb(x['output'])}  (aliased with donated inputs: {fb(x['alias'])})",
+              f"  XLA temporaries     {fb(x['temp'])}  (activations, gradients, workspace)"]
+    if r.get("stash"):  # the activations a pipeline keeps between ticks, and its gradient sum
+        st = r["stash"]
+        lines += [f"    of which: pipeline stash {fb(st['bytes'])} ({st['act']} stage inputs + {st['grad']} "
+                  f"output gradients), gradient sum {fb(r['params'])} (parameter-sized)"]
+    lines += [f"  XLA outputs         {fb(x['output'])}  (aliased with donated inputs: {fb(x['alias'])})",
               f"per-device total: {total_bytes(r) / 2**30:.2f} GiB  (arguments + temporaries + outputs not "
               "aliased with a donated input)",
               f"collectives per step and device ({tokens_per_step} tokens per step; "

@@ -183,7 +183,7 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     # ---- the workdir: checked, and compared with its checkpoint, before anything is written ----
     meta = {"model": dataclasses.asdict(model), "run": dataclasses.asdict(run), "mesh": dataclasses.asdict(mesh),
             "optim": dataclasses.asdict(optim), "data": dataclasses.asdict(data)}
-    if not dry_run:  # a dry run reads and writes no workdir
+    if not dry_run:  # a dry run reads no workdir and writes only its config.gin there
         check_workdir(workdir)
         found, meta = check_resume(workdir, meta, allow_config_change)
 
@@ -192,6 +192,7 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
     jax.set_mesh(mesh_)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
     if dry_run:
         print(dryrun.format_report(dryrun.report(model, run, optim, mesh_), run.batch_size * run.seq_len))
+        write_dry_run_config(workdir)
         return None
     os.makedirs(workdir, exist_ok=True)
 
@@ -240,6 +241,17 @@ def train(workdir: str, num_steps: int = gin.REQUIRED, model: ModelConfig = gin.
               file=sys.stderr)
     sample(graphdef, state, ds.tokenizer, run, stages)
     return state
+
+
+def write_dry_run_config(workdir: str) -> None:
+    """The dry run's operative config as WORKDIR/config.gin, unless WORKDIR holds a run (whose
+    config.gin describes its checkpoints and stays as it is)."""
+    if latest_meta(os.path.join(workdir, "checkpoints")) is not None:
+        print(f"{workdir} holds a training run: its config.gin is left as it is", file=sys.stderr)
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
 
 
 def check_workdir(workdir: str) -> None:

@@ -593,6 +593,15 @@ def slot_weights(schedule: str, ranks: int, microbatches: int) -> dict[str, floa
             "slot_b": share(b & ~f), "slot_w": share(w)}
 
 
+def stash_slots(schedule: str, ranks: int, microbatches: int) -> dict[str, int] | None:
+    """{"act": inputs, "grad": output gradients}: the stage-input-sized values a rank's buffers hold
+    (`buffer_slots`); None for gpipe, whose autodiff keeps every tick's input."""
+    if schedule == "gpipe":
+        return None
+    s = sched_lib.build(schedule, ranks, microbatches)
+    return buffer_slots(s, routes(s))[1]
+
+
 def schedule_table(schedule: str, ranks: int, microbatches: int) -> np.ndarray:
     """The [N, Tk, 3] activity (forward, backward, weight-gradient slot busy) the schedule runs."""
     s = sched_lib.build(schedule, ranks, microbatches)
