@@ -135,6 +135,7 @@ MODEL_RULES = [
     ("ep_capacity_factor", {"ep_capacity_factor": -1.0}),
     ("ep_transport", {"ep_transport": "nccl"}),
     ("ep_chunks", {"ep_chunks": -1}),
+    ("loss_chunk", {"loss_chunk": -1}),
     ("fp8_kernel", {"fp8_kernel": "triton"}),
     ("fp8_act_scale", {"fp8_act_scale": "e8m0"}),  # only float or ue8m0 (V3.1) scales
     ("attn_impl", {"attn_impl": "flash"}),

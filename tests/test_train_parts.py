@@ -144,6 +144,29 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients():
         cfg.replace(loss_chunk=-1)
 
 
+def test_state_converts_between_slot_layouts_and_back():
+    """A resume on another pipeline layout (train/state.convert_layout): every leaf under the MoE
+    stack, optimizer moments included, moves into the slots and back; spare slots are zero."""
+    from dsv3_jax.parallel import stages as st
+    from dsv3_jax.train.state import convert_layout
+    cfg = preset("tiny", n_layers=4, vocab_size=128, max_seq_len=32)  # 3 MoE layers
+    _, params, biases = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    state = new_state(params, biases, optax.adam(1e-3))
+    state = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)  # moments != 0
+    v = st.make_layout(cfg, 2, 2)  # DualPipeV's 4 stages on 2 ranks
+    even = st.make_layout(cfg, 3, 1)  # one layer per stage: the model's own layout
+    assert not v.identity and even.identity
+    slotted = convert_layout(state, None, v)
+    rows = v.ranks * v.chunks * v.slots
+    spare = v.slot_layer.reshape(-1) < 0
+    for path, x in jax.tree_util.tree_flatten_with_path(slotted)[0]:
+        if any(getattr(k, "key", None) == "moe_layers" for k in path):
+            assert x.shape[0] == rows and not np.asarray(x)[spare].any(), jax.tree_util.keystr(path)
+    back = convert_layout(convert_layout(slotted, v, even), even, None)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_every_gin_file_parses_and_model_files_match_the_presets():
     from dsv3_jax.train.main import parse_gin
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.gin"), recursive=True))
