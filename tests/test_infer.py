@@ -18,8 +18,8 @@ from dsv3_jax import Transformer, preset
 from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_bytes_per_token, init_cache
-from dsv3_jax.infer import programs
-from dsv3_jax.infer.sampling import filter_logits, probabilities, sample
+from dsv3_jax.infer import programs, speculative
+from dsv3_jax.infer.sampling import TARGET, filter_logits, probabilities, sample, token_keys
 from dsv3_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,16 +115,16 @@ def test_v3_671b_prefill_and_speculative_step_trace_without_memory(fp8_weights):
     cfg = preset("v3_671b", fp8_weights=fp8_weights)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     s = SamplingConfig(temperature=0.7, top_p=0.9)
-    state = jax.eval_shape(lambda: programs.empty_state(cfg, 2, 4096, n_draft=1, sampling=s,
-                                                       cache_dtype=jnp.bfloat16, hidden_dtype=jnp.bfloat16))
+    state = jax.eval_shape(lambda: programs.empty_state(cfg, 2, 4096, n_draft=1, cache_dtype=jnp.bfloat16,
+                                                       hidden_dtype=jnp.bfloat16))
     new, out = jax.eval_shape(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(1),
-                                                          n_draft=1, sampling=s), params, state)
+                                                          n_draft=1, sampling=s.rows(2)), params, state)
     assert out.tokens.shape == (2, 2) and new.draft_probs.shape == (2, 1, cfg.vocab_size)
     assert [c.c_kv.shape for c in new.cache.layers] == [(3, 2, 4096, 512), (58, 2, 4096, 512)]
     assert new.cache.mtp[0].k_pe.shape == (1, 2, 4096, 64) and new.cache.mtp[0].k_pe.dtype == jnp.bfloat16
     rows, first = jax.eval_shape(
         lambda p: programs.prefill(graphdef, p, jnp.zeros((2, 64), jnp.int32), jnp.array([3, 64]), jnp.arange(2),
-                                   jnp.array([5, 5]), jax.random.key(0), jnp.int32(1), n_draft=1, sampling=s,
+                                   jnp.array([5, 5]), jax.random.key(0), jnp.int32(1), n_draft=1, sampling=s.rows(2),
                                    cache_dtype=jnp.dtype(jnp.bfloat16)), params)
     assert rows.cache.layers[1].c_kv.shape == (58, 2, 64, 512) and first.tokens.shape == (2, 1)
 
@@ -226,7 +226,7 @@ def test_speculative_sampling_keeps_the_output_distribution():
     L = len(prompt)
     conts = np.array(list(itertools.product(range(V), repeat=3)), np.int32)
     logits = forward(model, jnp.asarray(np.concatenate([np.tile(prompt, (len(conts), 1)), conts], 1))).logits
-    p = np.asarray(probabilities(logits, s))
+    p = np.asarray(probabilities(logits, s.rows(len(conts))))
     r = np.arange(len(conts))
     exact = p[r, L - 1, conts[:, 0]] * p[r, L, conts[:, 1]] * p[r, L + 1, conts[:, 2]]
     out = Engine(model, cache_dtype=jnp.float32).generate([prompt] * N, max_new_tokens=3, sampling=s, seed=1,
@@ -278,21 +278,52 @@ def _allowed(logits: np.ndarray, s: SamplingConfig) -> np.ndarray:
 def test_top_k_top_p_emit_only_allowed_tokens_and_seeds_reproduce(s):
     logits = 3 * jax.random.normal(jax.random.key(0), (16, 64))
     ok = _allowed(np.asarray(logits), s)
-    draw = jax.jit(jax.vmap(lambda k: sample(logits, jax.random.split(k, 16), s)))
+    draw = jax.jit(jax.vmap(lambda k: sample(logits, jax.random.split(k, 16), s.rows(16))))
     keys = jax.random.split(jax.random.key(1), 500)
     got = np.asarray(draw(keys))  # [500, 16]
     assert ok[np.arange(16), got].all()
     assert all(len(set(got[:, r])) > 1 for r in range(16) if ok[r].sum() > 1)  # really random
     np.testing.assert_array_equal(draw(keys), got)
-    assert np.isneginf(filter_logits(logits, s)[~ok]).all()
+    assert np.isneginf(filter_logits(logits, s.rows(16))[~ok]).all()
 
 
-def test_generation_with_a_seed_is_reproducible(engine):
+def test_each_row_samples_as_it_would_alone():
+    """Rows with different settings in one call (greedy, top-k, top-p, both, neither) draw exactly
+    what each draws alone with its own SamplingConfig and the same keys: the distribution, a plain
+    draw, and speculative verification (greedy rows by exact match, the others by rejection)."""
+    configs = [SamplingConfig(0.0), SamplingConfig(0.7, top_k=5), SamplingConfig(1.3, top_p=0.8),
+               SamplingConfig(1.0, top_k=10, top_p=0.5), SamplingConfig(0.9)]
+    rs = SamplingConfig().rows(len(configs))
+    for i, c in enumerate(configs):
+        rs.set_row(i, c)
+    rng = np.random.default_rng(0)
+    B, A, V = len(configs), 2, 50
+    logits = jnp.asarray(2 * rng.standard_normal((B, A + 1, V)), jnp.float32)
+    drafts = jnp.asarray(rng.integers(0, V, (B, A)), jnp.int32)
+    q = jax.nn.softmax(jnp.asarray(rng.standard_normal((B, A, V)), jnp.float32))
+    key, seq, length = jax.random.key(3), jnp.arange(B, dtype=jnp.int32), jnp.int32([5, 6, 7, 8, 9])
+    keys = token_keys(key, seq, length, TARGET)
+    probs, drawn = probabilities(logits, rs), sample(logits[:, 0], keys, rs)
+    accepted, tokens = speculative.verify(logits, drafts, q, length, seq, key, rs)
+    for i, c in enumerate(configs):
+        one = slice(i, i + 1)
+        np.testing.assert_array_equal(probs[i], probabilities(logits[one], c.rows(1))[0])
+        assert drawn[i] == sample(logits[one, 0], keys[one], c.rows(1))[0]
+        a, t = speculative.verify(logits[one], drafts[one], q[one], length[one], seq[one], key, c.rows(1))
+        assert accepted[i] == a[0] and (tokens[i] == t[0]).all()
+    assert (probs[0] == jax.nn.one_hot(jnp.argmax(logits[0], -1), V)).all()  # greedy: the argmax
+
+
+def test_generation_with_a_seed_is_reproducible_and_settings_compile_nothing(engine):
     s = SamplingConfig(temperature=1.0, top_k=20)
     a = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=5)
     b = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=5)
     c = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=6)
     assert a.tokens == b.tokens and a.tokens != c.tokens
+    # The settings are arrays fed to the programs, not part of them: another one reuses them.
+    compiled = programs.prefill._cache_size(), programs.step._cache_size()
+    engine.generate(PROMPTS, max_new_tokens=NEW, sampling=SamplingConfig(0.6, top_p=0.9), seed=5)
+    assert (programs.prefill._cache_size(), programs.step._cache_size()) == compiled
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------

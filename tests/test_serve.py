@@ -249,37 +249,6 @@ def test_steps_per_dispatch_shrink_while_a_request_waits():
         s.stop(10)
 
 
-def test_per_row_sampling_is_infer_sampling_row_by_row():
-    """Rows with different settings in one call draw exactly what infer.sampling / infer.speculative
-    draw for each row alone with its own SamplingConfig (same keys): plain sampling, the draft
-    distribution, and speculative verification (greedy rows by exact match, others by rejection)."""
-    import jax
-    import jax.numpy as jnp
-
-    from dsv3_jax.infer import sampling as plain, speculative
-    from dsv3_jax.serve import sampling as rows
-
-    configs = [plain.SamplingConfig(0.0), plain.SamplingConfig(0.7, top_k=5), plain.SamplingConfig(1.3, top_p=0.8),
-               plain.SamplingConfig(1.0, top_k=10, top_p=0.5)]
-    rs = rows.RowSampling(jnp.float32([c.temperature for c in configs]), jnp.int32([c.top_k for c in configs]),
-                          jnp.float32([c.top_p for c in configs]))
-    rng = np.random.default_rng(0)
-    B, A, V = len(configs), 2, 50
-    logits = jnp.asarray(2 * rng.standard_normal((B, A + 1, V)), jnp.float32)
-    drafts = jnp.asarray(rng.integers(0, V, (B, A)), jnp.int32)
-    q = jax.nn.softmax(jnp.asarray(rng.standard_normal((B, A, V)), jnp.float32))
-    key, seq, length = jax.random.key(3), jnp.arange(B, dtype=jnp.int32), jnp.int32([5, 6, 7, 8])
-    keys = plain.token_keys(key, seq, length, plain.TARGET)
-    probs, drawn = rows.probabilities(logits, rs), rows.sample(logits[:, 0], keys, rs)
-    accepted, tokens = rows.verify(logits, drafts, q, length, seq, key, rs)
-    for i, c in enumerate(configs):
-        one = slice(i, i + 1)
-        np.testing.assert_array_equal(probs[i], plain.probabilities(logits[one], c)[0])
-        assert drawn[i] == plain.sample(logits[one, 0], keys[one], c)[0]
-        a, t = speculative.verify(logits[one], drafts[one], None if c.greedy else q[one], length[one], seq[one], key, c)
-        assert accepted[i] == a[0] and (tokens[i] == t[0]).all()
-
-
 def test_prompt_buckets_are_powers_of_two_up_to_the_context():
     assert prompt_buckets(64) == [16, 32, 64]
     assert prompt_buckets(100) == [16, 32, 64, 100]

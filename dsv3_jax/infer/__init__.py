@@ -5,8 +5,9 @@
                       speculative=1, eos_id=tok.eos_id)
 
 The cache itself (`dsv3_jax/cache.py`) and the cached forward (`Transformer.forward_cached`, MLA's
-absorbed form) belong to the model. Here: sampling.py, speculative.py (draft/verify),
-programs.py (the compiled prefill/insert/step programs), engine.py (`Engine`: the host loop,
+absorbed form) belong to the model. Here: sampling.py (`SamplingConfig`, and the per-row
+`RowSampling` every program takes), speculative.py (draft/verify), programs.py (the compiled
+prefill/insert/step programs, which the server reuses), engine.py (`Engine`: the host loop,
 disaggregation), load.py (a training run's newest checkpoint for inference).
 """
 

@@ -133,7 +133,7 @@ class Engine:
         if T < max(need, S):
             raise ConfigError(f"max_len={max_len}: needs at least {max(need, S)} slots")
         run = _Run(self, prompts, budget, S, T, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
-                   dict(n_draft=speculative, sampling=sampling), on_tokens)
+                   speculative, sampling, on_tokens)
         for start in range(0, len(prompts), Bd):
             ids = [i if i < len(prompts) else -1 for i in range(start, start + Bd)]
             t0 = time.perf_counter()
@@ -156,7 +156,8 @@ class _Run:
     T: int  # cache slots
     key: jax.Array
     eos: jax.Array
-    kw: dict  # n_draft, sampling
+    n_draft: int
+    sampling: SamplingConfig  # every row's; the programs take it as rows, so a new setting compiles nothing
     on_tokens: Callable[[int, list[int]], None] | None
     results: list[list[int]] = dataclasses.field(default_factory=list)
     stats: GenerationStats = dataclasses.field(default_factory=GenerationStats)
@@ -177,8 +178,8 @@ class _Run:
     def prefill(self, ids: list[int], Bp: int) -> programs.DecodeState:
         """Prefill the decode batch `ids` (-1: empty row) in chunks of Bp; returns its state."""
         e, cfg = self.engine, self.engine.cfg
-        state = programs.empty_state(cfg, len(ids), self.T, cache_dtype=e.cache_dtype,
-                                   hidden_dtype=jnp.dtype(cfg.dtype), **self.kw)
+        state = programs.empty_state(cfg, len(ids), self.T, n_draft=self.n_draft, cache_dtype=e.cache_dtype,
+                                     hidden_dtype=jnp.dtype(cfg.dtype))
         if e.decode_mesh is not None:
             state = jax.device_put(state, programs.state_shardings_for(state, e.decode_mesh))
         firsts = []
@@ -208,8 +209,9 @@ class _Run:
         args = [tok, lengths, np.asarray([max(i, 0) for i in chunk], np.int32), budget]
         if e.prefill_mesh is not None:  # rows over the prefill mesh's data axes
             args = [jax.device_put(a, batch_sharding(e.prefill_mesh, a.shape)) for a in args]
-        rows, first = programs.prefill(e.graphdef, e.prefill_params, *args, self.key, self.eos,
-                                     cache_dtype=e.cache_dtype, mesh=e.prefill_mesh, **self.kw)
+        rows, first = programs.prefill(e.graphdef, e.prefill_params, *args, self.key, self.eos, n_draft=self.n_draft,
+                                       sampling=self.sampling.rows(len(chunk)), cache_dtype=e.cache_dtype,
+                                       mesh=e.prefill_mesh)
         if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
             # The hand-off: the latent cache (S slots per sequence) and the small per-row state.
             rows = jax.device_put(rows, programs.state_shardings_for(rows, e.decode_mesh))
@@ -222,12 +224,13 @@ class _Run:
         e = self.engine
         active, remaining = np.asarray(state.active), np.asarray(state.remaining)
         in_flight, last = None, time.perf_counter()
+        rows = self.sampling.rows(len(ids))
         while True:
             alive = active & (remaining > 1) if in_flight is not None else active
             nxt = None
             if alive.any():
                 state, nxt = programs.step(e.graphdef, e.decode_params, state, self.key, self.eos,
-                                         mesh=e.decode_mesh, **self.kw)
+                                           n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh)
             if in_flight is not None:
                 self._count(in_flight)
                 self.emit(in_flight, ids)
@@ -244,7 +247,7 @@ class _Run:
         s = self.stats
         s.steps += 1
         s.sequence_steps += int(was.sum())
-        s.drafted += self.kw["n_draft"] * int(was.sum())
+        s.drafted += self.n_draft * int(was.sum())
         s.accepted += int(np.asarray(out.accepted)[was].sum())
 
 

@@ -7,9 +7,12 @@ Prefill and decode are separate jitted programs with their own batch sizes and, 
 own meshes (prefill/decode disaggregation): `prefill` runs Bp prompts and returns a `DecodeState`
 whose cache has only S slots; `insert` moves it (a device_put to the decode mesh first) into
 slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequences by one
-verification. Shapes never depend on lengths or positions, which are arrays, so each program
-compiles once per (batch, S or T, A, sampling settings). The programs take the model as
-(graphdef, state) from `nnx.split`: the same parameter arrays as the `Transformer`.
+verification. Shapes never depend on lengths or positions, which are arrays, and neither does
+the program depend on the sampling settings or the EOS id, which are arrays too (per row:
+`sampling.RowSampling` [B], `eos_id` [] or [B]), so each program compiles once per (batch, S or
+T, A). The programs take the model as (graphdef, state) from `nnx.split`: the same parameter
+arrays as the `Transformer`. `Engine` (engine.py) drives them with one setting for every row;
+the server (`dsv3_jax.serve`) gives each row its own and runs `step` K times per dispatch.
 
 A plain decode step is the speculative step with A = 0: the main model runs over the one pending
 token, and the "bonus" token is the sampled next token.
@@ -26,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.cache import Cache, cache_shardings, init_cache
-from dsv3_jax.infer.sampling import TARGET, SamplingConfig, sample, token_keys
+from dsv3_jax.infer.sampling import TARGET, RowSampling, sample, token_keys
 from dsv3_jax.infer.speculative import draft, ring_size, verify
 from dsv3_jax.sharding import RULES, logical_to_spec, state_shardings
 
@@ -43,7 +46,7 @@ class DecodeState:
     remaining: jax.Array  # [B] int32: tokens the sequence may still emit
     active: jax.Array  # [B] bool: still generating (frozen once done)
     hidden: jax.Array | None  # [B,4A,D] main normalised hidden states by position mod 4A (A > 0)
-    draft_probs: jax.Array | None  # [B,A,V] q of the pending drafts (A > 0 and sampling)
+    draft_probs: jax.Array | None  # [B,A,V] q of the pending drafts (A > 0; one-hot for greedy rows)
 
 
 @jax.tree_util.register_dataclass
@@ -62,10 +65,11 @@ def token_buffer_len(max_len: int, n_draft: int) -> int:
 
 
 def _finish(out: StepOutput, active, remaining, eos_id) -> tuple[StepOutput, jax.Array, jax.Array]:
-    """Cut the emitted tokens at EOS (kept) and at the budget; update remaining and active."""
+    """Cut the emitted tokens at EOS (kept; eos_id [] or [B], -1: none) and at the budget; update
+    remaining and active."""
     idx = jnp.arange(out.tokens.shape[1])[None, :]
     count = jnp.minimum(out.count, remaining)
-    is_eos = (out.tokens == eos_id) & (idx < count[:, None])
+    is_eos = (out.tokens == jnp.reshape(eos_id, (-1, 1))) & (idx < count[:, None])
     first_eos = jnp.argmax(is_eos, axis=1)
     hit = is_eos.any(axis=1)
     count = jnp.where(hit, first_eos + 1, count)
@@ -88,10 +92,11 @@ def constrain(tree, shardings):
 
 
 # ---- the programs ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "cache_dtype", "mesh"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "cache_dtype", "mesh"))
 def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, n_draft: int,
-            sampling: SamplingConfig, cache_dtype, mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
-    """prompt [B,S] right-padded, lengths [B] -> state with an S-slot cache, the first token."""
+            sampling: RowSampling, cache_dtype, mesh: Mesh | None = None):
+    """prompt [B,S] right-padded, lengths [B], budget [B] -> (DecodeState with an S-slot cache,
+    StepOutput of the first token)."""
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
     B, S = prompt.shape
@@ -110,15 +115,14 @@ def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, 
                              lengths - ring_size(n_draft), lengths)
         cache, tokens, q = draft(model, cache, tokens, hn, positions, lengths, seq_ids, key, sampling,
                                  form="expanded")
-        q = None if sampling.greedy else q
     out = StepOutput(first[:, None], jnp.ones_like(lengths), jnp.zeros_like(lengths), budget > 0)
     out, remaining, active = _finish(out, budget > 0, budget, eos_id)
     state = DecodeState(cache, tokens, lengths, seq_ids, remaining, active, hidden, q)
     return constrain(state, state_shardings_for(state, mesh)), out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "sampling", "mesh"), donate_argnums=(2,))
-def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: SamplingConfig,
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "mesh"), donate_argnums=(2,))
+def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
          mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
     """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A."""
     model = nnx.merge(graphdef, params)
@@ -143,7 +147,6 @@ def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sam
         h_win = jnp.take_along_axis(hidden, (wpos % hidden.shape[1])[..., None], axis=1)
         cache, tokens, q = draft(model, cache, tokens, h_win, wpos, length, state.seq_id, key, sampling,
                                  form="absorbed")
-        q = None if sampling.greedy else q
     new_state = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
     return constrain(new_state, state_shardings_for(new_state, mesh)), out
 
@@ -166,9 +169,9 @@ def insert(dst: DecodeState, src: DecodeState, slot, *, mesh: Mesh | None = None
 
 
 # ---- state allocation and sharding ---------------------------------------------------------------
-def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, sampling: SamplingConfig, cache_dtype,
-                hidden_dtype) -> DecodeState:
-    """A decode batch with no sequence in it (all rows inactive)."""
+def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, cache_dtype, hidden_dtype) -> DecodeState:
+    """A decode batch with no sequence in it (all rows inactive). With drafting it keeps the draft
+    distributions q whatever the rows' settings: any row may sample."""
     def z():  # distinct buffers: the state is donated
         return jnp.zeros((batch,), jnp.int32)
 
@@ -177,8 +180,7 @@ def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, sampling: Sampli
         tokens=jnp.zeros((batch, token_buffer_len(max_len, n_draft)), jnp.int32),
         length=z(), seq_id=z(), remaining=z(), active=jnp.zeros((batch,), bool),
         hidden=jnp.zeros((batch, ring_size(n_draft), cfg.dim), hidden_dtype) if n_draft else None,
-        draft_probs=(jnp.zeros((batch, n_draft, cfg.vocab_size), jnp.float32)
-                     if n_draft and not sampling.greedy else None),
+        draft_probs=jnp.zeros((batch, n_draft, cfg.vocab_size), jnp.float32) if n_draft else None,
     )
 
 

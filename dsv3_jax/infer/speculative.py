@@ -5,12 +5,13 @@ V vocabulary, W draft window, D `dim`, Tb token-buffer length.
 
 Each step (V3 report §5.4.3 reports 85-90% acceptance of the second token and 1.8x TPS):
   1. The main model runs once over [pending, d_1 .. d_A] at positions n .. n+A (n = length).
-  2. Greedy: accept the longest prefix of drafts equal to the main model's argmax; the argmax
-     after it is the correction (or the bonus token when all A agree). The output is therefore
-     exactly greedy decoding's.
-     Sampling: speculative rejection sampling. Accept d_i with probability min(1, p_i/q_i); at
-     the first rejection draw from norm(max(p_i - q_i, 0)); when all are accepted draw a bonus
-     token from p_{A+1}. The emitted tokens then follow p exactly, whatever q is.
+  2. Greedy rows: accept the longest prefix of drafts equal to the main model's argmax; the
+     argmax after it is the correction (or the bonus token when all A agree). The output is
+     therefore exactly greedy decoding's.
+     Sampled rows (each with its own setting, `sampling.RowSampling`): speculative rejection
+     sampling. Accept d_i with probability min(1, p_i/q_i); at the first rejection draw from
+     norm(max(p_i - q_i, 0)); when all are accepted draw a bonus token from p_{A+1}. The emitted
+     tokens then follow p exactly, whatever q is.
   3. Draft the next A tokens. MTP module k (V3 eq. 21-25) at position i reads the previous
      depth's hidden state at i and the embedding of token i+k, and predicts token i+k+1; the
      chain k = 1..A at the last position n'-1 gives d_1 .. d_A.
@@ -30,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.cache import Cache
-from dsv3_jax.infer.sampling import (ACCEPT, DRAFT, TARGET, SamplingConfig, categorical, probabilities, sample,
-                                     token_keys)
+from dsv3_jax.infer.sampling import ACCEPT, DRAFT, TARGET, RowSampling, categorical, probabilities, sample, token_keys
 from dsv3_jax.model import Transformer
 
 
@@ -68,12 +68,13 @@ def accept_sampled(p: jax.Array, q: jax.Array, drafts: jax.Array, uniform: jax.A
 
 
 def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array, wpos: jax.Array,
-          length: jax.Array, seq_ids: jax.Array, key: jax.Array, s: SamplingConfig, *, form: str):
+          length: jax.Array, seq_ids: jax.Array, key: jax.Array, rs: RowSampling, *, form: str):
     """Run the MTP chain over the window positions wpos [B,W] and draft A tokens.
 
     tokens [B,Tb] holds every known token by position (the pending one at `length`); h_main
     [B,W,D] is the main model's normalised hidden state at wpos. Returns the cache with the
-    window's MTP entries written, tokens with d_k stored at length+k, and q [B,A,V].
+    window's MTP entries written, tokens with d_k stored at length+k, and q [B,A,V] (one-hot for
+    greedy rows: any row of the batch may sample, so q is kept for all of them).
     form: "expanded" for prefill's whole-prompt window, "absorbed" for a decode step (mla.py).
     """
     last = (length - 1 - wpos[:, 0])[:, None, None]  # window column of position length-1
@@ -86,8 +87,8 @@ def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array
         nonlocal drafted
         logits = model.logits(jnp.take_along_axis(h, last, axis=1), model.mtp[k - 1].norm)[:, 0]
         pos = length + k
-        qs.append(probabilities(logits, s))
-        drafted = tokens.at[rows, pos].set(sample(logits, token_keys(key, seq_ids, pos, DRAFT), s), mode="drop")
+        qs.append(probabilities(logits, rs))
+        drafted = tokens.at[rows, pos].set(sample(logits, token_keys(key, seq_ids, pos, DRAFT), rs), mode="drop")
         return drafted
 
     ctx = model.context(wpos, kv_len=cache.slots)
@@ -97,15 +98,22 @@ def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array
 
 
 def verify(target_logits: jax.Array, drafts: jax.Array, q: jax.Array | None, length: jax.Array,
-           seq_ids: jax.Array, key: jax.Array, s: SamplingConfig):
-    """target_logits [B,A+1,V] at positions length..length+A -> accepted a [B], tokens [B,A+1]."""
+           seq_ids: jax.Array, key: jax.Array, rs: RowSampling) -> tuple[jax.Array, jax.Array]:
+    """target_logits [B,A+1,V] at positions length..length+A, drafts [B,A] drawn from q [B,A,V]
+    (None when A = 0) -> accepted a [B], tokens [B,A+1]. Greedy rows take the exact-match rule,
+    sampled rows rejection sampling; the rejection work runs only when some row samples."""
     A = drafts.shape[1]
-    if s.greedy:
-        return accept_greedy(target_logits, drafts)
     new_pos = length[:, None] + 1 + jnp.arange(A + 1)  # the positions the tokens will occupy
     if A == 0:  # plain decoding
         keys = token_keys(key, seq_ids, new_pos[:, 0], TARGET)
-        return jnp.zeros_like(length), sample(target_logits[:, 0], keys, s)[:, None]
-    uniform = jax.vmap(jax.random.uniform)(token_keys(key, seq_ids, new_pos[:, :A], ACCEPT).reshape(-1))
-    return accept_sampled(probabilities(target_logits, s), q, drafts, uniform.reshape(drafts.shape),
-                          token_keys(key, seq_ids, new_pos, TARGET))
+        return jnp.zeros_like(length), sample(target_logits[:, 0], keys, rs)[:, None]
+    a_greedy, greedy = accept_greedy(target_logits, drafts)
+
+    def rejection(_):
+        uniform = jax.vmap(jax.random.uniform)(token_keys(key, seq_ids, new_pos[:, :A], ACCEPT).reshape(-1))
+        a, tokens = accept_sampled(probabilities(target_logits, rs), q, drafts, uniform.reshape(drafts.shape),
+                                   token_keys(key, seq_ids, new_pos, TARGET))
+        hot = rs.temperature > 0
+        return jnp.where(hot, a, a_greedy), jnp.where(hot[:, None], tokens, greedy)
+
+    return jax.lax.cond(jnp.any(rs.temperature > 0), rejection, lambda _: (a_greedy, greedy), None)

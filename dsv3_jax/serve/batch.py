@@ -5,8 +5,9 @@ Shape letters (the package legend): Bd decode slots, S prompt bucket, T cache sl
 Slot i is row i of every array of the decode `DecodeState`: its latent cache rows
 `cache.layers[*].c_kv[:, i]` (T slots, one per position), its token buffer, length, budget and
 `active` flag, and row i of the per-row sampling settings and EOS id kept here on the host. A
-request is prefilled alone (a batch of one, its prompt right-padded to the smallest bucket
-S = 16, 32, 64, ... that holds it) and `infer.programs.insert` copies the result into its slot;
+request is prefilled alone by `infer.programs.prefill` (a batch of one, its prompt right-padded to
+the smallest bucket S = 16, 32, 64, ... that holds it) and `infer.programs.insert` copies the
+result into its slot; `serve.programs.decode` then runs up to K of infer's steps per dispatch;
 when it leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies.
 The slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
@@ -27,7 +28,6 @@ import numpy as np
 from dsv3_jax.infer import programs as infer_programs
 from dsv3_jax.infer.sampling import SamplingConfig
 from dsv3_jax.serve import programs
-from dsv3_jax.serve.sampling import RowSampling
 
 FIRST_BUCKET = 16
 
@@ -45,9 +45,7 @@ def prompt_buckets(max_len: int) -> list[int]:
 class RowSettings:
     """What one request asks of its row."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingConfig = SamplingConfig()
     seq_id: int = 0  # the sampling keys' sequence number (the request's seed)
     eos_id: int = -1  # -1: ignore EOS
 
@@ -64,7 +62,7 @@ class DecodeBatch:
         self.params = infer_programs.place_params(params, mesh)
         self.buckets = prompt_buckets(self.context)
         self.key = jax.random.key(seed)
-        self.rs = RowSampling.host(slots)
+        self.rs = SamplingConfig().rows(slots)  # numpy, edited in place as requests come and go
         self.eos = np.full(slots, -1, np.int32)
         self.keep = np.ones(slots, bool)
         self.state = self._empty()
@@ -75,11 +73,8 @@ class DecodeBatch:
         return min(self.cfg.max_seq_len, self.max_len - self.n_draft)
 
     def _empty(self) -> infer_programs.DecodeState:
-        # A sampled SamplingConfig makes empty_state allocate the draft distributions q, which
-        # the serving programs always carry (any row may sample).
         state = infer_programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
-                                           sampling=SamplingConfig(temperature=1.0), cache_dtype=self.cache_dtype,
-                                           hidden_dtype=jnp.dtype(self.cfg.dtype))
+                                           cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
         if self.mesh is not None:
             state = jax.device_put(state, infer_programs.state_shardings_for(state, self.mesh))
         return state
@@ -100,14 +95,15 @@ class DecodeBatch:
         S = self.bucket(len(prompt))
         tok = np.zeros((1, S), np.int32)
         tok[0, : len(prompt)] = prompt
-        rs = RowSampling(np.float32([row.temperature]), np.int32([row.top_k]), np.float32([row.top_p]))
-        rows, first = programs.prefill(self.graphdef, self.params, tok, np.int32([len(prompt)]),
-                                       np.int32([row.seq_id]), np.int32([budget]), np.int32([row.eos_id]), rs,
-                                       self.key, n_draft=self.n_draft, cache_dtype=self.cache_dtype, mesh=self.mesh)
+        rows, first = infer_programs.prefill(self.graphdef, self.params, tok, np.int32([len(prompt)]),
+                                             np.int32([row.seq_id]), np.int32([budget]), self.key,
+                                             np.int32([row.eos_id]), n_draft=self.n_draft,
+                                             sampling=row.sampling.rows(1), cache_dtype=self.cache_dtype,
+                                             mesh=self.mesh)
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
         if active:
             self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
-            self.rs.set_row(slot, row.temperature, row.top_k, row.top_p)
+            self.rs.set_row(slot, row.sampling)
             self.eos[slot], self.keep[slot] = row.eos_id, True
         return tokens[0, : count[0]].tolist(), active
 
@@ -115,7 +111,7 @@ class DecodeBatch:
         """Stop generating in `slot` from the next dispatch on. Its settings go back to greedy: the
         sampling code runs only when some row samples, and a frozen row still counts."""
         self.keep[slot] = False
-        self.rs.set_row(slot, 0.0, 0, 1.0)
+        self.rs.set_row(slot, SamplingConfig())
 
     def decode(self, n_steps: int) -> programs.ChunkOutput:
         """Run up to n_steps (<= K) steps; -> their outputs as numpy arrays."""
@@ -128,9 +124,9 @@ class DecodeBatch:
         """Compile every program the server will run: a prefill and an insert per bucket and the
         decode loop (with a sampled row, so both sides of every `lax.cond` run once)."""
         for S in self.buckets:
-            self.prefill(0, [0] * min(S, self.context - 1), 2, RowSettings(temperature=1.0, top_k=2, top_p=0.5))
+            self.prefill(0, [0] * min(S, self.context - 1), 2, RowSettings(SamplingConfig(1.0, top_k=2, top_p=0.5)))
         self.decode(self.K)
         self.free(0)
 
     def compiled_programs(self) -> int:
-        return sum(f._cache_size() for f in (programs.prefill, programs.decode, infer_programs.insert))
+        return sum(f._cache_size() for f in (infer_programs.prefill, programs.decode, infer_programs.insert))

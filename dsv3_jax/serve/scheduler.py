@@ -38,7 +38,7 @@ from typing import Callable
 
 from dsv3_jax.checkpoint import describe
 from dsv3_jax.errors import UserError
-
+from dsv3_jax.infer.sampling import SamplingConfig
 from dsv3_jax.serve.batch import DecodeBatch, RowSettings
 from dsv3_jax.serve.text import TextStream
 
@@ -207,7 +207,7 @@ class Scheduler:
             p = req.params
             budget = min(p.max_tokens, self.batch.context - len(p.prompt))
             seed = p.seed if p.seed is not None else self._seeds.getrandbits(31)
-            row = RowSettings(p.temperature, p.top_k, p.top_p, seq_id=seed & 0x7FFFFFFF,
+            row = RowSettings(SamplingConfig(p.temperature, p.top_k, p.top_p), seq_id=seed & 0x7FFFFFFF,
                               eos_id=-1 if p.ignore_eos else self.tokenizer.eos_id)
             try:
                 req.text = TextStream(self.tokenizer, p.stop)
