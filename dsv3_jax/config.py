@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls
     param_dtype: str = "float32"
     remat: str = "none"  # remat policy of the scanned layers
-    moe_impl: str = "ragged"  # "ragged" (sort + lax.ragged_dot), "tiled" (tile-padded batched GEMMs,
+    moe_impl: str = "ragged"  # "ragged" (sort + lax.ragged_dot), "tiled" (tile-padded, a loop over tiles,
     # fast on XLA:CPU), "dense" (every expert on every token: the reference), "ep" (expert parallel)
     # expert parallelism (moe_impl="ep", dsv3_jax/parallel/ep.py): wire formats of the all-to-all,
     # per-pair capacity (0: the worst case, dropless) and the transport primitive

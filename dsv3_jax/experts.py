@@ -6,9 +6,10 @@ on this device under expert parallelism), F `moe_inter_dim`, K expert slots per 
 Written once and used by both paths: `moe.py` runs all E experts on the local tokens, and
 `parallel/ep.py` runs a shard's experts on the tokens the all-to-all brought in. Either way the
 rows' token copies are sorted by expert and go through one grouped GEMM per weight matrix:
-`jax.lax.ragged_dot` ("default"), the FP8 grouped GEMMs ("fp8"), or tile-padded batched GEMMs
-("tiled", the fast form on XLA:CPU). `dense_reference` computes every expert on every token and is
-what the tests compare the dropless paths against.
+`jax.lax.ragged_dot` ("default") or the FP8 grouped GEMMs ("fp8"). "tiled", the fast form on
+XLA:CPU, lays the copies out in whole tiles of one expert each and runs the SwiGLU a tile at a time
+(`tiled_routed_experts`). `dense_reference` computes every expert on every token and is what the
+tests compare the dropless paths against.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
     """Expert-sorted rows a [N, in] times their expert's w [E, out, in] -> [N, out].
 
     The MoE twin of layers.linear: "default" is lax.ragged_dot in `dtype`; "fp8" the FP8 training
-    GEMMs; "tiled" the tile-padded batched GEMM; a `scale` [E, out/128, in/128] means w is stored in
-    e4m3 (FP8 inference; `pow2_scale`: power-of-two activation scales). Rows past sum(group_sizes) belong to no expert and come out as zeros.
+    GEMMs; a `scale` [E, out/128, in/128] means w is stored in e4m3 (FP8 inference; `pow2_scale`:
+    power-of-two activation scales). Rows past sum(group_sizes) belong to no expert and come out as zeros.
     """
     if scale is not None:
         aq, as_ = quantize_act_1x128(a.astype(dtype), pow2_scale=pow2_scale)
@@ -67,35 +68,107 @@ def grouped_matmul(a, w, group_sizes, *, dtype, impl: str = "default", scale=Non
         w = vary_like(w, a)
         return fp8_grouped_linear(a.astype(dtype), w.astype(dtype), group_sizes,
                                   "auto" if kernel == "mosaic_gpu" else kernel)
-    if impl == "tiled":
-        return tiled_grouped_matmul(a.astype(dtype), w.astype(dtype), group_sizes)
     # ragged_dot wants (E, in, out)
     return jax.lax.ragged_dot(a.astype(dtype), jnp.swapaxes(w, 1, 2).astype(dtype), group_sizes,
                               preferred_element_type=jnp.float32).astype(dtype)
 
 
-def tiled_grouped_matmul(a, w, group_sizes, tile: int = 64):
-    """grouped_matmul as one batched dense GEMM: each expert's rows are padded to whole tiles
-    (DeepGEMM's "contiguous layout") and every tile multiplies its expert's weight.
+def tile_layout(ids, n_experts: int, tile: int):
+    """Where each token copy goes in the tile-padded layout (DeepGEMM's "contiguous layout"): the
+    copies sorted by expert, each expert's rows padded to whole tiles, so a tile holds one expert.
 
-    XLA:CPU runs lax.ragged_dot as a masked loop over groups; this form does the same FLOPs plus at
-    most E*(tile-1) padding rows, in one batched matmul. Shapes are static: the tile count is the
-    worst case ceil((N + E*(tile-1)) / tile). a [N, in] sorted by expert, w [E, out, in] -> [N, out].
+    ids [N,K] (n_experts: an empty slot) -> slot [N*K] row of each copy (n_tiles * tile for an empty
+    slot: out of range), tile_expert [n_tiles], n_used (tiles that hold rows; the rest are spare).
+    n_tiles is the static worst case ceil((N K + E (tile - 1)) / tile).
     """
-    N, E = a.shape[0], w.shape[0]
+    flat = ids.reshape(-1)
+    NK, E = flat.shape[0], n_experts
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # empty slots (id E) not counted
     padded = (group_sizes + tile - 1) // tile * tile
     padded_end = jnp.cumsum(padded)
     padded_start, start = padded_end - padded, jnp.cumsum(group_sizes) - group_sizes
-    expert_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=N)
-    n_tiles = -(-(N + E * (tile - 1)) // tile)
-    # rows past sum(group_sizes) belong to no expert: they go nowhere and come back as zeros
-    dest = jnp.where(jnp.arange(N) < start[-1] + group_sizes[-1],
-                     padded_start[expert_of_row] + jnp.arange(N) - start[expert_of_row], n_tiles * tile)
-    buf = jnp.zeros((n_tiles * tile, a.shape[1]), a.dtype).at[dest].set(a, mode="drop")
+    n_tiles = -(-(NK + E * (tile - 1)) // tile)
+    order = jnp.argsort(flat, stable=True)
+    expert = jnp.minimum(flat[order], E - 1)
+    row = jnp.where(flat[order] < E, padded_start[expert] + jnp.arange(NK) - start[expert], n_tiles * tile)
+    slot = jnp.zeros((NK,), jnp.int32).at[order].set(row)
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"), E - 1)
-    y = jnp.einsum("tmi,toi->tmo", buf.reshape(n_tiles, tile, -1), w[tile_expert],
-                   preferred_element_type=jnp.float32).astype(a.dtype)
-    return y.reshape(n_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+    return slot, tile_expert, padded_end[-1] // tile
+
+
+def _up(x, w1, w3):
+    """One tile's gate and up projections: x [M,D], w1/w3 [F,D] -> [M,F], [M,F]."""
+    def mm(w):
+        return jnp.einsum("md,fd->mf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return mm(w1), mm(w3)
+
+
+def _down(a, b, w2):
+    """One tile's SwiGLU and down projection: a, b [M,F], w2 [D,F] -> [M,D]."""
+    h = jax.nn.silu(a) * b
+    return jnp.einsum("mf,df->md", h, w2, preferred_element_type=jnp.float32).astype(h.dtype)
+
+
+def _tiled_swiglu_fwd(buf, w1, w2, w3, tile_expert, n_used):
+    T, M, _ = buf.shape
+
+    def body(t, carry):
+        y, a, b = carry
+        e = tile_expert[t]
+        a_t, b_t = _up(buf[t], w1[e], w3[e])
+        return y.at[t].set(_down(a_t, b_t, w2[e])), a.at[t].set(a_t), b.at[t].set(b_t)
+
+    zeros = lambda n: jnp.zeros((T, M, n), buf.dtype)  # noqa: E731
+    y, a, b = jax.lax.fori_loop(0, n_used, body, (zeros(w2.shape[1]), zeros(w1.shape[1]), zeros(w1.shape[1])))
+    return y, (buf, a, b, w1, w2, w3, tile_expert, n_used)
+
+
+def _tiled_swiglu_bwd(res, dy):
+    buf, a, b, w1, w2, w3, tile_expert, n_used = res
+
+    def body(t, carry):
+        dbuf, dw1, dw2, dw3 = carry
+        e = tile_expert[t]
+        da, db, dw2_e = jax.vjp(_down, a[t], b[t], w2[e])[1](dy[t])
+        dx, dw1_e, dw3_e = jax.vjp(_up, buf[t], w1[e], w3[e])[1]((da, db))
+        return dbuf.at[t].set(dx), dw1.at[e].add(dw1_e), dw2.at[e].add(dw2_e), dw3.at[e].add(dw3_e)
+
+    grads = jax.lax.fori_loop(0, n_used, body, tuple(jnp.zeros_like(v) for v in (buf, w1, w2, w3)))
+    return (*grads, None, None)
+
+
+@jax.custom_vjp
+def tiled_swiglu(buf, w1, w2, w3, tile_expert, n_used):
+    """The routed SwiGLU on tile-padded rows: tile t of buf [T,M,D] through expert tile_expert[t]'s
+    w1/w3 [E,F,D] and w2 [E,D,F] -> [T,M,D]; the n_used..T-1 spare tiles come out as zeros.
+
+    A loop over the used tiles, each three [M,D]x[D,F]-sized GEMMs on its expert's weights in place.
+    The custom VJP is what makes it fast on XLA:CPU: the loop has a data-dependent trip count (no
+    work for the worst-case layout's spare tiles), the backward keeps only the tiles' inputs and
+    pre-activations (a batched GEMM over gathered weights keeps a [T,F,D] copy of each weight per
+    layer), and each tile adds its weight gradient into its expert's slot instead of materializing
+    [T,F,D] per-tile gradients.
+    """
+    return _tiled_swiglu_fwd(buf, w1, w2, w3, tile_expert, n_used)[0]
+
+
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+
+
+def tiled_routed_experts(x, gates, ids, w1, w2, w3, *, dtype, tile: int = 64):
+    """routed_experts in the tile-padded layout (`tile_layout`, `tiled_swiglu`): the fast dropless
+    form on XLA:CPU. One gather puts each token copy in its expert's tiles and one gathers the
+    results back; shapes as routed_experts."""
+    N, K = ids.shape
+    D = x.shape[1]
+    slot, tile_expert, n_used = tile_layout(ids, w1.shape[0], tile)
+    n_tiles = tile_expert.shape[0]
+    token = jnp.full((n_tiles * tile,), N, jnp.int32).at[slot].set(jnp.arange(N * K, dtype=jnp.int32) // K,
+                                                                    mode="drop")
+    buf = x.astype(dtype).at[token].get(mode="fill", fill_value=0).reshape(n_tiles, tile, D)
+    y = tiled_swiglu(buf, w1.astype(dtype), w2.astype(dtype), w3.astype(dtype), tile_expert, n_used)
+    y = y.reshape(n_tiles * tile, D).at[slot].get(mode="fill", fill_value=0).reshape(N, K, D)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), gates)
 
 
 def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3,
@@ -104,8 +177,11 @@ def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", s
     slot is empty), w1/w3 [E,F,D], w2 [E,D,F] -> sum_k gates[:,k] * expert_{ids[:,k]}(x) [N,D] f32.
 
     The N K token copies are sorted by expert (empty slots last, in no group, so they compute
-    zeros), run through the grouped GEMMs, and scattered back to their slots.
+    zeros), run through the grouped GEMMs, and scattered back to their slots. impl "tiled" (with
+    high-precision weights) is `tiled_routed_experts`.
     """
+    if impl == "tiled" and scales[0] is None:
+        return tiled_routed_experts(x, gates, ids, w1, w2, w3, dtype=dtype)
     N, K = ids.shape
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # token copies grouped by expert

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.experts import dense_reference, routed_experts, tiled_grouped_matmul
+from dsv3_jax.experts import dense_reference, routed_experts, tiled_routed_experts
 from dsv3_jax.moe import expert_load, route, sequence_balance_loss
 
 
@@ -129,17 +129,26 @@ def test_expert_load_counts_every_token_copy():
     np.testing.assert_array_equal(expert_load(idx, 5), [2, 1, 0, 3, 0])
 
 
-@pytest.mark.parametrize("sizes", [[0, 7, 64, 1], [130, 0, 0, 2], [0, 0, 0, 0]])
-def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
-    """The CPU-friendly tile-padded layout computes exactly what lax.ragged_dot does."""
-    rng = np.random.default_rng(len(sizes) + sum(sizes))
-    M = max(sum(sizes), 1)
-    a = jnp.asarray(rng.normal(size=(M, 24)).astype(np.float32))
-    w = jnp.asarray(rng.normal(size=(4, 20, 24)).astype(np.float32))
-    gs = jnp.asarray(sizes, jnp.int32)
-    ref = lambda a, w: jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), gs)  # noqa: E731
-    tiled = lambda a, w: tiled_grouped_matmul(a, w, gs, tile=16)  # noqa: E731
-    np.testing.assert_allclose(tiled(a, w), ref(a, w), rtol=1e-5, atol=1e-5)
-    dy = jnp.asarray(rng.normal(size=(M, 20)).astype(np.float32))
-    for g1, g2 in zip(jax.vjp(tiled, a, w)[1](dy), jax.vjp(ref, a, w)[1](dy)):
-        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("load", ["spread", "one_hot_expert", "all_empty"])
+def test_tiled_routed_experts_equals_dense_values_and_gradients(load):
+    """The CPU-friendly tile loop (tile 16) computes exactly what every-expert-on-every-token does:
+    idle experts, an expert over several tiles and its partial last tile, empty slots (id E)."""
+    rng = np.random.default_rng(7)
+    N, K, E = 40, 3, 8
+    x = jnp.asarray(rng.normal(size=(N, 16)).astype(np.float32))
+    w1, w2, w3 = _experts(rng, E=E)
+    ids = np.stack([rng.choice(E // 2, K, replace=False) for _ in range(N)])  # experts 4..7 idle
+    ids[::5, -1] = E  # some empty slots
+    if load == "one_hot_expert":
+        ids[:, 0] = 7  # 40 rows: two full tiles and a partial one
+    elif load == "all_empty":
+        ids[:] = E
+    args = (x, jnp.asarray(rng.uniform(size=(N, K)).astype(np.float32)), jnp.asarray(ids, jnp.int32), w1, w2, w3)
+    tiled = lambda *a: tiled_routed_experts(*a, dtype=jnp.float32, tile=16)  # noqa: E731
+    dense = lambda *a: dense_reference(*a, dtype=jnp.float32)  # noqa: E731
+    np.testing.assert_allclose(tiled(*args), dense(*args), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: (f(*a) ** 2).sum()  # noqa: E731
+    g_t = jax.grad(loss(tiled), argnums=(0, 1, 3, 4, 5))(*args)
+    g_d = jax.grad(loss(dense), argnums=(0, 1, 3, 4, 5))(*args)
+    for a, b in zip(g_t, g_d):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
