@@ -443,10 +443,11 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
         forward = lambda: run(params, inbuf[row["f_x"][r]], fm, fc)[0][0]  # noqa: E731
         b_args = (grads, inbuf[row["b_x"][r]], gbuf[row["b_dy"][r]], bm, bc)
         split = row["split"][r] if has_split else 0
-        # One branch per tick and rank. Paired (F of one micro-batch and B of another in one
-        # computation, no data path between them): XLA may run one's EP all-to-alls under the
-        # other's matmuls (DualPipe's overlap; tests/test_pipeline.py checks the HLO). Apart: each
-        # its own conditional, so an idle slot computes nothing.
+        # One branch per tick and rank. Paired: F of one micro-batch and B of another in one
+        # computation with no data path between them, the structure DualPipe's overlap needs
+        # (tests/test_pipeline.py checks the HLO; each half still runs its own layer loop, and XLA
+        # overlaps only within one computation, so interleaving them layer by layer comes next).
+        # Apart: each its own conditional, so an idle slot computes nothing.
         def apart():  # named scopes: how often each runs, `slot_weights`
             with jax.named_scope("slot_f"):
                 y = lax.cond(f_ok, forward, lambda: jnp.zeros_like(x0))
