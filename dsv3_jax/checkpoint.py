@@ -177,6 +177,11 @@ def quiet_aborted_reads(failures: list):
         sys.unraisablehook = previous
 
 
+def read_meta(step_dir: str | os.PathLike):
+    """A step directory's `meta` item as JSON (files only; raises OSError/ValueError if unreadable)."""
+    return json.loads((pathlib.Path(step_dir) / "meta" / "metadata").read_text())
+
+
 def latest_meta(directory: str | os.PathLike) -> tuple[int, dict | None] | None:
     """(step, meta) of the newest committed step, its `meta` item read as JSON (None when no committed
     step has a readable one); None when there is no committed step. Files only, no orbax manager:
@@ -188,7 +193,7 @@ def latest_meta(directory: str | os.PathLike) -> tuple[int, dict | None] | None:
                     if p.name.isdigit() and (p / COMMIT_MARKER).exists()), reverse=True)
     for step in steps:
         try:
-            meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+            meta = read_meta(directory / str(step))
         except (OSError, ValueError):  # unreadable: restore_latest will fall back past it too
             continue
         if isinstance(meta, dict):
@@ -290,7 +295,7 @@ class Checkpointer:
         if not (path / COMMIT_MARKER).exists():
             raise CheckpointError(f"{path} has no {COMMIT_MARKER}: the write never committed")
         if callable(abstract_state):
-            abstract_state = abstract_state(json.loads((path / "meta" / "metadata").read_text()))
+            abstract_state = abstract_state(read_meta(path))
         r = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),

@@ -1,7 +1,6 @@
 """Two-micro-batch overlap: same outputs as the plain forward, and in the compiled HLO each
 micro-batch's EP all-to-alls are independent of the other micro-batch's attention matmuls."""
 import os
-import re
 
 import jax
 import numpy as np
@@ -38,18 +37,6 @@ def test_overlapped_forward_equals_forward():
     np.testing.assert_array_equal(join_pair(a, b), tokens)
 
 
-def _ops(comps, ins, seen=None):
-    """The instruction and, for fusions and calls, every instruction it runs."""
-    seen = set() if seen is None else seen
-    out = [ins]
-    for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", ins.attrs):
-        if callee in comps and callee not in seen:
-            seen.add(callee)
-            for inner in comps[callee].instructions.values():
-                out += _ops(comps, inner, seen)
-    return out
-
-
 def test_all_to_all_of_one_micro_batch_is_independent_of_the_others_matmuls():
     """In the scanned layer body of the compiled program: no all-to-all of micro-batch A uses, or is
     used by, any matmul of micro-batch B (attention core, projections, gate, experts), and vice versa.
@@ -67,7 +54,7 @@ def test_all_to_all_of_one_micro_batch_is_independent_of_the_others_matmuls():
         text = fn.lower(state, jax.device_put(tokens, batch_sharding(mesh, tokens.shape))).compile(COMPILE).as_text()
     comps, _ = hlo.parse(text)
     body = max(comps.values(), key=lambda c: sum(i.opcode == "all-to-all" for i in c.instructions.values()))
-    is_dot = {i.name: [op for op in _ops(comps, i) if op.opcode == "dot"] for i in body.instructions.values()}
+    is_dot = {i.name: [op for op in hlo.nested(comps, i) if op.opcode == "dot"] for i in body.instructions.values()}
     a2a, dots, core = {}, {}, {}
     for m in MICRO:
         a2a[m] = [i.name for i in body.instructions.values() if i.opcode == "all-to-all" and f"/{m}/" in i.line]

@@ -94,8 +94,8 @@ def test_stash_buffers_hold_each_value_until_its_last_read_and_no_more_slots(sch
     lockstep ticks) and P output gradients."""
     from dsv3_jax.train import schedule as sched_lib
     s = sched_lib.build(schedule, P, M)
-    tabs = pipeline.routes(s)
-    slots, sizes = pipeline.buffer_slots(s, tabs)
+    tabs = sched_lib.routes(s)
+    slots, sizes = sched_lib.buffer_slots(s, tabs)
     for kind, reads, suffix in (("act", "fbw", "_x"), ("grad", "bw", "_dy")):
         held = np.full((P, sizes[kind], 2), -1)
         for t in range(s.ticks):

@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dsv3_jax.checkpoint import COMMIT_MARKER, describe, fingerprints, quiet_aborted_reads
+from dsv3_jax.checkpoint import COMMIT_MARKER, describe, fingerprints, quiet_aborted_reads, read_meta
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import CheckpointError, ConfigError
 from dsv3_jax.model import Transformer
@@ -39,7 +39,7 @@ def _path_key(keystr: str) -> str:
 
 def _restore(step_dir: pathlib.Path) -> tuple[dict, dict]:
     """-> (meta, the saved state as nested dicts on the default device), checksums verified."""
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    meta = read_meta(step_dir)
     ckptr = ocp.StandardCheckpointer()
     saved = ckptr.metadata(step_dir / "state").item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

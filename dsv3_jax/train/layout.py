@@ -4,8 +4,9 @@ tests and the benchmark.
   pipeline == 1: `train.step.make_train_step` under GSPMD; with moe_impl="ep" the MoE layers open
                  their own shard_map over the ambient mesh (`jax.set_mesh`).
   pipeline  > 1: `train.pipeline.make_pipeline_train_step` (one shard_map over every axis).
-Under a pipeline with uneven or V-shaped stages the state keeps the MoE stack in that pipeline's slot
-layout (`stage_layout`; `parallel/stages.py`). Either way parameters follow the one rules table (`sharding.RULES`, by their logical axis names);
+Under a pipeline with uneven or V-shaped stages the state keeps the MoE stack in that pipeline's
+slot layout (`stage_layout`; `parallel/stages.py`). Either way parameters follow the one rules
+table (`sharding.RULES`, by their logical axis names);
 the optimizer state is ZeRO-1 sharded over the data-carrying axes (`sharding.opt_state_shardings`);
 step and rng are replicated.
 """
@@ -17,9 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dsv3_jax import sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ConfigError
+from dsv3_jax.parallel.stages import StageLayout
 from dsv3_jax.train import pipeline
 from dsv3_jax.train.config import MeshConfig, TrainConfig
-from dsv3_jax.parallel.stages import StageLayout
 from dsv3_jax.train.step import make_train_step
 
 EXPERT = dict(sharding.RULES)["exp"]

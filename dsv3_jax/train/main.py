@@ -54,13 +54,13 @@ from dsv3_jax.errors import ConfigError, UserError
 from dsv3_jax.flops import flops_per_token, measure_peak_flops, mfu
 from dsv3_jax.infer.engine import generate
 from dsv3_jax.parallel import multihost, xla_flags
+from dsv3_jax.parallel import stages as st
 from dsv3_jax.sharding import abstract_with, batch_sharding, make_mesh
 from dsv3_jax.train import dryrun, layout
 from dsv3_jax.train.config import MeshConfig, OptimConfig, TrainConfig, config_changes
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.preemption import PreemptionGuard, Stopped, exit_status, sigterm_interrupts
-from dsv3_jax.parallel import stages as st
 from dsv3_jax.train.state import abstract_state, convert_layout, init_state
 from dsv3_jax.train.step import make_eval_step
 

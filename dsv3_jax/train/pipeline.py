@@ -28,9 +28,10 @@ Activations and gradients move between ranks with `ppermute` once per tick.
 Both manual schedules run the table of `schedule.build`: per tick a rank does at most one F, B and
 W; a backward recomputes its stage from the stashed input under `jax.vjp` (a split B differentiates
 the input only, its W the weights only, each recomputing the stage); inputs and output gradients
-wait in two buffers whose slots `routes` assigns on the host (an entry holds a slot from its
-arrival to its last use), each as large as the most entries any rank holds at once (DualPipeV's
-2N+1 inputs and N output gradients at N ranks), so activation memory does not grow with M. The
+wait in two buffers whose slots `schedule.buffer_slots` assigns on the host (an entry holds a slot
+from its arrival to its last use), each as large as the most entries any rank holds at once
+(DualPipeV's 2N+1 inputs and N output gradients at N ranks), so activation memory does not grow
+with M. The
 last stage computes the loss inside its backward. Idle slots are skipped with `lax.cond` (their
 collectives stay inside the expert group, whose devices share a rank, so every member takes the
 same branch). Every schedule returns its executed tick table, from which `bubble` reports idle
@@ -54,9 +55,9 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.context import sequence_positions
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.sharding import RULES, logical_to_spec
+from dsv3_jax.parallel import stages as st
 from dsv3_jax.train import loss as L
 from dsv3_jax.train import schedule as sched_lib
-from dsv3_jax.parallel import stages as st
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.balance import max_over_mean
 from dsv3_jax.train.step import apply_gradients
@@ -203,13 +204,19 @@ def _chunk(tree, c, plan: _Plan):
     return st.map_stack(lambda x: lax.dynamic_slice_in_dim(x, c * Lm, Lm, 0), tree)
 
 
+def _stage_of(plan: _Plan, c):
+    """The stage this rank runs as its chunk c: r, or 2N-1-r for DualPipeV's second chunk."""
+    r = lax.axis_index(PIPE)
+    return r if plan.layout.chunks == 1 else jnp.where(c == 0, r, 2 * plan.ranks - 1 - r)
+
+
 def _stage_fn(plan: _Plan, biases, inputs, targets, mtp_lambda):
     """run(params, x, m, c) -> ((y, loss), aux): chunk c of this rank on micro-batch m."""
-    r, N, layout = lax.axis_index(PIPE), plan.ranks, plan.layout
+    r, layout = lax.axis_index(PIPE), plan.layout
     active = jnp.asarray(layout.slot_layer >= 0)  # [N, C, Lm]
 
     def run(p, x, m, c):
-        stage = r if layout.chunks == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)
+        stage = _stage_of(plan, c)
         model = nnx.merge(plan.graphdef, _chunk(p, c, plan), _chunk(biases, c, plan))
         y, loss, aux = stage_forward(model, stage, layout.stages, x, inputs[m], targets[m], mtp_lambda,
                                      plan.alpha, plan.axes, plan.overlap, active[r, c])
@@ -274,74 +281,6 @@ def _gpipe_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
 
 # ---------------------------------------------------------------------------------------------
 # The table-driven executor (1f1b, dualpipev).
-SOURCES = ("down", "up", "self")  # an arrival came from rank r-1, from rank r+1, or from this rank
-
-
-def routes(s: sched_lib.Schedule) -> dict:
-    """Host-side: per tick and rank, where each op's output goes and what arrives.
-
-    -> f, b, w [Tk, N, 2] (chunk, micro-batch), split [Tk, N], f_dir / b_dir [Tk, N] (+1: to rank
-    r+1, -1: to r-1, 0: this rank, 2: nowhere), act_in / grad_in [Tk, N, 3, 2]: (chunk,
-    micro-batch) arriving this tick from each of SOURCES, (-1, -1) none.
-    """
-    Tk, N = s.ticks, s.ranks
-    out = {"f": s.f, "b": s.b, "w": s.w, "split": s.b_split.astype(np.int32)}
-    for kind, table, step in (("act", s.f, 1), ("grad", s.b, -1)):
-        dirs = np.full((Tk, N), 2, np.int32)
-        arrive = np.full((Tk + 1, N, 3, 2), -1, np.int32)
-        for t, r in zip(*np.nonzero(table[..., 1] >= 0)):
-            c, m = table[t, r]
-            nxt = s.stage(r, c) + step
-            if 0 <= nxt < s.stages:
-                r2, c2 = s.rank_chunk(nxt)
-                dirs[t, r] = r2 - r
-                arrive[t + 1, r2, {1: 0, -1: 1, 0: 2}[r2 - r]] = (c2, m)
-        out[("f" if kind == "act" else "b") + "_dir"] = dirs
-        out[kind + "_in"] = arrive[:Tk]
-    return out
-
-
-def buffer_slots(s: sched_lib.Schedule, tabs: dict) -> tuple[dict, dict]:
-    """Host-side: which buffer slot each stashed value lives in, per rank.
-
-    An input (chunk, micro-batch) is stored when it arrives and read by its F, B and W; an output
-    gradient is stored when it arrives and read by its B and W. A slot is free again the tick after
-    its entry's last read (stores come first in a tick). -> ({act_slot, grad_slot [Tk, N, 3]: the
-    slot each arrival goes to, -1 none; f_x, b_x, w_x: the input slot each op reads; b_dy, w_dy: the
-    gradient slot, 0 where the op reads nothing}, {"act": slots, "grad": slots})."""
-    Tk, N = s.ticks, s.ranks
-    out, sizes = {}, {}
-    for kind, reads in (("act", ("f", "b", "w")), ("grad", ("b", "w"))):
-        arrive = tabs[kind + "_in"]
-        last = {}  # (rank, chunk, micro-batch) -> last tick that reads it
-        for op in reads:
-            for t, r in zip(*np.nonzero(tabs[op][..., 1] >= 0)):
-                key = (r, *tabs[op][t, r])
-                last[key] = max(last.get(key, t), t)
-        slot_in = np.full((Tk, N, 3), -1, np.int32)
-        read = {op: np.zeros((Tk, N), np.int32) for op in reads}
-        size = 1
-        for r in range(N):
-            where, busy_until = {}, []  # busy_until[slot]: the last tick its entry is read
-            for t in range(Tk):
-                for i in range(3):
-                    c, m = arrive[t, r, i]
-                    if m < 0:
-                        continue
-                    free = [k for k, u in enumerate(busy_until) if u < t]
-                    k = free[0] if free else len(busy_until)
-                    busy_until[k:k + 1] = [last.get((r, c, m), t)]
-                    where[(c, m)] = slot_in[t, r, i] = k
-                for op in reads:
-                    c, m = tabs[op][t, r]
-                    read[op][t, r] = where.get((c, m), 0)  # 0: an op with nothing stashed (stage 0's input)
-            size = max(size, len(busy_until))
-        out[kind + "_slot"] = slot_in
-        out.update({op + ("_x" if kind == "act" else "_dy"): v for op, v in read.items()})
-        sizes[kind] = size
-    return out, sizes
-
-
 def _store(buf, slot, value):
     """buf [R, ...]: write value into `slot` if slot >= 0 (one in-place update)."""
     k = jnp.maximum(slot, 0)
@@ -381,14 +320,12 @@ def _acc_zeros(plan: _Plan, aux_shape, axes):
 def _backward_ops(plan: _Plan, run, params, axes):
     """The B variants and W of one (chunk c, micro-batch m) from its stashed input x and output
     gradient dy: full (input and weight gradients), input-only (a split B), weights-only (its W)."""
-    N, S = plan.ranks, plan.layout.stages
-    r = lax.axis_index(PIPE)
+    S = plan.layout.stages
     n_dp = int(np.prod([plan.mesh.shape[a] for a in BATCH if a in axes]))
     seed = 1.0 / (plan.microbatches * n_dp)  # d(step loss)/d(stage loss of one micro-batch on one device)
 
     def cot(c, dy, loss):  # the last stage's output feeds nothing: its only cotangent is the loss's
-        stage = r if plan.layout.chunks == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)
-        dy = jnp.where(stage == S - 1, jnp.zeros_like(dy), dy)
+        dy = jnp.where(_stage_of(plan, c) == S - 1, jnp.zeros_like(dy), dy)
         return dy, lax.pcast(jnp.asarray(seed, loss.dtype), axes, to="varying")
 
     # Each takes the running weight-gradient sum and returns it updated: a branch that adds nothing
@@ -413,8 +350,8 @@ def _backward_ops(plan: _Plan, run, params, axes):
 def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mtp_lambda):
     axes, N, M, S = plan.axes, plan.ranks, plan.microbatches, plan.layout.stages
     sched = sched_lib.build(plan.schedule, N, M)
-    C, tabs = sched.chunks, routes(sched)
-    slots, sizes = buffer_slots(sched, tabs)
+    tabs = sched_lib.routes(sched)
+    slots, sizes = sched_lib.buffer_slots(sched, tabs)
     has_split = bool(sched.b_split.any())
     used = {k: {"down": bool((tabs[k + "_dir"] == 1).any()), "up": bool((tabs[k + "_dir"] == -1).any())}
             for k in ("f", "b")}
@@ -428,7 +365,6 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
     x0 = _zeros(jax.ShapeDtypeStruct((*inputs.shape[1:], plan.cfg.dim), jnp.dtype(plan.cfg.dtype)), axes)
     (_, loss_shape), aux_shape = jax.eval_shape(run, params, x0, 0, 0)
     idle = lambda grads, *_: (grads, jnp.zeros_like(x0), _zeros(loss_shape, axes), _zeros(aux_shape, axes))  # noqa: E731
-    stage_of = lambda c: r if C == 1 else jnp.where(c == 0, r, 2 * N - 1 - r)  # noqa: E731
 
     def tick(carry, row):
         inbuf, gbuf, arrived, grads, acc = carry
@@ -438,7 +374,7 @@ def _table_body(plan: _Plan, pspecs, bspecs, params, biases, inputs, targets, mt
             gbuf = _store(gbuf, row["grad_slot"][r, i], arrived[1][i])
         slot = lambda op: (jnp.maximum(op[0], 0), jnp.maximum(op[1], 0))  # noqa: E731
         (fc, fm), (bc, bm), (wc, wm) = slot(row["f"][r]), slot(row["b"][r]), slot(row["w"][r])
-        f_ok = (row["f"][r, 1] >= 0) & (stage_of(fc) < S - 1)  # the last stage's F runs inside its B
+        f_ok = (row["f"][r, 1] >= 0) & (_stage_of(plan, fc) < S - 1)  # the last stage's F runs inside its B
         b_ok = row["b"][r, 1] >= 0
         forward = lambda: run(params, inbuf[row["f_x"][r]], fm, fc)[0][0]  # noqa: E731
         b_args = (grads, inbuf[row["b_x"][r]], gbuf[row["b_dy"][r]], bm, bc)
@@ -596,11 +532,11 @@ def slot_weights(schedule: str, ranks: int, microbatches: int) -> dict[str, floa
 
 def stash_slots(schedule: str, ranks: int, microbatches: int) -> dict[str, int] | None:
     """{"act": inputs, "grad": output gradients}: the stage-input-sized values a rank's buffers hold
-    (`buffer_slots`); None for gpipe, whose autodiff keeps every tick's input."""
+    (`schedule.buffer_slots`); None for gpipe, whose autodiff keeps every tick's input."""
     if schedule == "gpipe":
         return None
     s = sched_lib.build(schedule, ranks, microbatches)
-    return buffer_slots(s, routes(s))[1]
+    return sched_lib.buffer_slots(s, sched_lib.routes(s))[1]
 
 
 def schedule_table(schedule: str, ranks: int, microbatches: int) -> np.ndarray:

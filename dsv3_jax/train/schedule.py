@@ -34,6 +34,9 @@ N ranks (DeepSeek's num_ranks; not the package's MoE token N), M micro-batches, 
 assumes free-running ranks. The lockstep tick (as long as its busiest rank) costs more in the
 warm-up and cool-down: with F, B, W = 1, 2, 1 DualPipeV idles 3N-2 per rank against the README's
 2N-2 and lockstep 1F1B's 6N-6 (same ranks, a 1F1B stage costing two DualPipeV chunks).
+
+`routes` and `buffer_slots` turn a table into what the executor scans over: where each output goes
+and arrives, and which buffer slot each stashed input and output gradient lives in.
 """
 
 from __future__ import annotations
@@ -382,3 +385,73 @@ def render(s: Schedule) -> str:
             cells.append(" ".join(ops) or ".")
         lines.append(f"rank {r}: " + " | ".join(cells))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side tables the pipeline executor (train/pipeline.py) scans over.
+SOURCES = ("down", "up", "self")  # an arrival came from rank r-1, from rank r+1, or from this rank
+
+
+def routes(s: Schedule) -> dict:
+    """Host-side: per tick and rank, where each op's output goes and what arrives.
+
+    -> f, b, w [Tk, N, 2] (chunk, micro-batch), split [Tk, N], f_dir / b_dir [Tk, N] (+1: to rank
+    r+1, -1: to r-1, 0: this rank, 2: nowhere), act_in / grad_in [Tk, N, 3, 2]: (chunk,
+    micro-batch) arriving this tick from each of SOURCES, (-1, -1) none.
+    """
+    Tk, N = s.ticks, s.ranks
+    out = {"f": s.f, "b": s.b, "w": s.w, "split": s.b_split.astype(np.int32)}
+    for kind, table, step in (("act", s.f, 1), ("grad", s.b, -1)):
+        dirs = np.full((Tk, N), 2, np.int32)
+        arrive = np.full((Tk + 1, N, 3, 2), -1, np.int32)
+        for t, r in zip(*np.nonzero(table[..., 1] >= 0)):
+            c, m = table[t, r]
+            nxt = s.stage(r, c) + step
+            if 0 <= nxt < s.stages:
+                r2, c2 = s.rank_chunk(nxt)
+                dirs[t, r] = r2 - r
+                arrive[t + 1, r2, {1: 0, -1: 1, 0: 2}[r2 - r]] = (c2, m)
+        out[("f" if kind == "act" else "b") + "_dir"] = dirs
+        out[kind + "_in"] = arrive[:Tk]
+    return out
+
+
+def buffer_slots(s: Schedule, tabs: dict) -> tuple[dict, dict]:
+    """Host-side: which buffer slot each stashed value lives in, per rank.
+
+    An input (chunk, micro-batch) is stored when it arrives and read by its F, B and W; an output
+    gradient is stored when it arrives and read by its B and W. A slot is free again the tick after
+    its entry's last read (stores come first in a tick). -> ({act_slot, grad_slot [Tk, N, 3]: the
+    slot each arrival goes to, -1 none; f_x, b_x, w_x: the input slot each op reads; b_dy, w_dy: the
+    gradient slot, 0 where the op reads nothing}, {"act": slots, "grad": slots})."""
+    Tk, N = s.ticks, s.ranks
+    out, sizes = {}, {}
+    for kind, reads in (("act", ("f", "b", "w")), ("grad", ("b", "w"))):
+        arrive = tabs[kind + "_in"]
+        last = {}  # (rank, chunk, micro-batch) -> last tick that reads it
+        for op in reads:
+            for t, r in zip(*np.nonzero(tabs[op][..., 1] >= 0)):
+                key = (r, *tabs[op][t, r])
+                last[key] = max(last.get(key, t), t)
+        slot_in = np.full((Tk, N, 3), -1, np.int32)
+        read = {op: np.zeros((Tk, N), np.int32) for op in reads}
+        size = 1
+        for r in range(N):
+            where, busy_until = {}, []  # busy_until[slot]: the last tick its entry is read
+            for t in range(Tk):
+                for i in range(3):
+                    c, m = arrive[t, r, i]
+                    if m < 0:
+                        continue
+                    free = [k for k, u in enumerate(busy_until) if u < t]
+                    k = free[0] if free else len(busy_until)
+                    busy_until[k:k + 1] = [last.get((r, c, m), t)]
+                    where[(c, m)] = slot_in[t, r, i] = k
+                for op in reads:
+                    c, m = tabs[op][t, r]
+                    read[op][t, r] = where.get((c, m), 0)  # 0: an op with nothing stashed (stage 0's input)
+            size = max(size, len(busy_until))
+        out[kind + "_slot"] = slot_in
+        out.update({op + ("_x" if kind == "act" else "_dy"): v for op, v in read.items()})
+        sizes[kind] = size
+    return out, sizes

@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.train import layout
 from dsv3_jax.parallel import stages as st
+from dsv3_jax.train import layout
 from dsv3_jax.train.config import OptimConfig
 from dsv3_jax.train.optim import decay_mask, make_optimizer
 

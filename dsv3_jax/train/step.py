@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax.train import loss as L
 from dsv3_jax.parallel import stages as st
+from dsv3_jax.train import loss as L
 from dsv3_jax.train.balance import max_over_mean, update_biases
 from dsv3_jax.train.config import TrainConfig
 
