@@ -1,0 +1,252 @@
+"""dsv3-serve on a real model: `serve.py` run as a subprocess on a tiny HF-format checkpoint with
+MTP speculation, checked with the `openai` client: /health before and after compilation, greedy
+output equal to `infer.py`'s, streaming equal to non-streaming, 32 concurrent streams of mixed
+lengths, a dropped stream, bad requests, decode slots on an expert-parallel mesh, and SIGTERM
+while a request is in flight (the last test: it ends that server). The fault cases that need a
+deterministic device run over a fake one in tests/test_serve.py.
+"""
+import concurrent.futures
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from serve_support import ROOT, client, free_port, wait_until
+
+
+def random_model(cfg, seed=0):
+    """Parameters drawn with numpy (norms 1, gate bias 0): init through jax.random compiles a
+    program per shape. A large init_std spreads the logits, so greedy choices are not near-ties."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv3_jax import Transformer
+
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    for path, var in nnx.to_flat_state(state):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if len(path) > 1 and "norm" in str(path[-2]):
+            value = np.ones(shape)
+        elif path[-1] == "bias":
+            value = np.zeros(shape)
+        else:
+            value = cfg.init_std * rng.standard_normal(shape)
+        var.set_value(jnp.asarray(value, dtype))
+    return nnx.merge(graphdef, state)
+
+
+CONTEXT = 64
+PROMPT = "Once upon a time"
+GREEDY_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny HF-format checkpoint with one MTP module, a trained byte-level BPE and a chat template."""
+    from dsv3_jax import preset
+    from dsv3_jax.hf import save_pretrained
+    from dsv3_jax.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf") / "tiny"
+    tok = train_tokenizer(vocab_size=320, out_dir=root, corpus_max_bytes=200_000)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, n_mtp_modules=1, max_seq_len=CONTEXT, init_std=0.15)
+    save_pretrained(random_model(cfg), str(root))
+    (root / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return root
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def served(hf_dir, tmp_path_factory):
+    """serve.py with MTP on a free port, and infer.py's greedy text for PROMPT, started together."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "serve.py", "--hf_checkpoint", str(hf_dir), "--port", str(port),
+                             "--speculative", "mtp", "--slots", "8", "--max_queue", "24"],
+                            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    infer = subprocess.Popen([sys.executable, "infer.py", "--hf_checkpoint", str(hf_dir), "--prompt", PROMPT,
+                              "--max_new_tokens", str(GREEDY_TOKENS), "--temperature", "0"],
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url, seen = f"http://127.0.0.1:{port}", []
+
+    def healthy():
+        assert proc.poll() is None, _tail(log)
+        try:
+            seen.append(httpx.get(url + "/health", timeout=5).status_code)
+        except httpx.TransportError:
+            return False
+        return seen[-1] == 200
+
+    try:
+        wait_until(healthy, 300, "serve.py's /health")
+        out, err = infer.communicate(timeout=300)
+        assert infer.returncode == 0, err
+        yield types.SimpleNamespace(url=url, proc=proc, log=log, health_seen=seen, infer_text=out[:-1])
+    finally:
+        for p in (proc, infer):
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+        log.close()
+
+
+def _tail(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-4000:]
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+def test_health_is_503_until_compiled_then_200_with_models_and_metrics(served):
+    assert 503 in served.health_seen and served.health_seen[-1] == 200
+    assert served.health_seen.index(200) > served.health_seen.index(503)
+    models = client(served.url).models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].model_extra["max_model_len"] == CONTEXT
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    for name in ("dsv3_http_requests_total", "dsv3_prompt_tokens_total", "dsv3_generation_tokens_total",
+                 "dsv3_queue_length", "dsv3_slots_busy", "dsv3_slot_occupancy",
+                 "dsv3_time_to_first_token_seconds_bucket", "dsv3_time_per_output_token_seconds_bucket",
+                 "dsv3_mtp_acceptance_rate", "dsv3_mtp_draft_tokens_total", "dsv3_compiled_programs"):
+        assert re.search(rf"^{name}", text, re.M), name
+    assert metric(served.url, "dsv3_slots") == 8
+
+
+def test_greedy_output_equals_infer_py_streaming_or_not(served):
+    """MTP speculation in a batch of 8 slots gives infer.py's plain greedy text (no speculation)."""
+    c = client(served.url)
+    out = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0)
+    assert out.choices[0].text == served.infer_text
+    assert out.usage.completion_tokens <= GREEDY_TOKENS
+    assert (out.choices[0].finish_reason == "length") == (out.usage.completion_tokens == GREEDY_TOKENS)
+    chunks = list(c.completions.create(model="tiny", prompt=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == served.infer_text
+    assert chunks[-1].usage == out.usage
+
+
+def test_seeded_sampling_and_chat_repeat_exactly(served):
+    c = client(served.url)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=12,
+              temperature=0.9, top_p=0.9, seed=7, extra_body={"top_k": 50, "ignore_eos": True})
+    a = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == a.choices[0].message.content
+    assert a.usage.completion_tokens == 12 and a.choices[0].finish_reason == "length"
+    other = c.chat.completions.create(**{**kw, "seed": 8})
+    greedy = c.chat.completions.create(**{**kw, "temperature": 0})
+    assert len({a.choices[0].message.content, other.choices[0].message.content,
+                greedy.choices[0].message.content}) == 3
+
+
+@pytest.mark.slow
+def test_32_concurrent_streams_of_mixed_lengths_finish_with_their_token_counts(served):
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat while seven dogs ran far away".split()
+    jobs = []
+    for i in range(32):
+        prompt = " ".join(rng.choice(words, int(rng.integers(1, 13))))
+        jobs.append(dict(prompt=prompt, max_tokens=int(rng.integers(1, 30)), temperature=0.0 if i % 2 else 0.8,
+                         seed=i))
+    compiled = metric(served.url, "dsv3_compiled_programs")
+    c = client(served.url, timeout=120)
+
+    def run(job):
+        chunks = list(c.completions.create(model="tiny", stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}, **job))
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage, \
+            [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(run, jobs))
+    assert time.monotonic() - t0 < 120
+    for job, (text, usage, reason) in zip(jobs, results):
+        assert usage.completion_tokens == job["max_tokens"] and reason == "length", (job, usage)
+    # greedy rows of the crowd equal the same request alone; nothing compiled while serving
+    for job, (text, _, _) in list(zip(jobs, results))[1:8:2]:
+        alone = c.completions.create(model="tiny", extra_body={"ignore_eos": True}, **job)
+        assert alone.choices[0].text == text
+    assert metric(served.url, "dsv3_compiled_programs") == compiled
+
+
+def test_a_dropped_stream_then_a_normal_request(served):
+    c = client(served.url)
+    stream = c.completions.create(model="tiny", prompt="a", max_tokens=CONTEXT - 8, temperature=0, stream=True,
+                                  extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    wait_until(lambda: metric(served.url, "dsv3_slots_busy") == 0, 10, "the dropped stream's slot to be freed")
+    out = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0)
+    assert out.choices[0].text == served.infer_text
+
+
+def test_bad_requests_leave_the_server_healthy(served):
+    c = client(served.url)
+    for kw, match in [(dict(prompt="the cat sat " * 40), "context"), (dict(prompt="a", temperature=-1), ">= 0"),
+                      (dict(prompt="a", top_p=0.0), r"\(0, 1\]"), (dict(prompt="a", max_tokens=0), "at least 1")]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            c.completions.create(model="tiny", **kw)
+    assert httpx.get(served.url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir):
+    """The batch on conftest's 8 fake devices, loaded as serve.py loads it (--mesh 1,1,8: experts
+    over 8 devices, EP decoding inside the decode loop): a request in slot 3 with MTP gets
+    Engine.generate's greedy tokens on the same mesh."""
+    import argparse
+
+    import jax
+
+    from dsv3_jax.infer import Engine
+    from dsv3_jax.infer.main import load
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    args = argparse.Namespace(hf_checkpoint=str(hf_dir), checkpoint=None, dtype=None, mesh="1,1,8", attn_impl=None,
+                              keep_fp8=False)
+    model, _, mesh = load(args)
+    with jax.set_mesh(mesh):
+        want = Engine(model, prefill_mesh=mesh, decode_mesh=mesh).generate([[5, 6, 7]], max_new_tokens=10,
+                                                                           speculative=1).tokens[0]
+        batch = DecodeBatch(model, slots=8, max_len=CONTEXT + 1, n_draft=1, steps_per_dispatch=4, mesh=mesh)
+        got, active = batch.prefill(3, [5, 6, 7], 10, RowSettings())
+        while active:
+            out = batch.decode(4)
+            got += [t for s in range(int(out.steps)) for t in out.tokens[s, 3, : out.count[s, 3]].tolist()]
+            active = bool(out.active[3])
+    assert got == want
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(served):
+    """Last: this ends the module's server."""
+    c = client(served.url, timeout=120)
+    stream = c.completions.create(model="tiny", prompt="a", max_tokens=CONTEXT - 8, temperature=0, stream=True,
+                                  stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    served.proc.send_signal(signal.SIGTERM)
+    rest = list(it)
+    assert rest[-1].usage.completion_tokens == CONTEXT - 8
+    assert served.proc.wait(60) == 0, _tail(served.log)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(served.url + "/health", timeout=5)
