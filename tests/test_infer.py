@@ -21,29 +21,13 @@ from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_byte
 from dsv3_jax.infer import programs, speculative
 from dsv3_jax.infer.sampling import TARGET, filter_logits, probabilities, sample, token_keys
 from dsv3_jax.sharding import make_mesh
+from model_support import random_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # init_std 0.15 makes the blocks matter enough that MTP drafts are often, not always, right.
 CFG = preset("tiny", n_mtp_modules=2, vocab_size=128, init_std=0.15)
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4, 40, 4, 41, 4, 42, 4, 43, 4, 44, 4, 45]]
 NEW = 12
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Parameters drawn with numpy into `nnx.eval_shape`'s structure (norms 1, gate bias 0):
-    initialising through jax.random compiles one program per shape, tens of seconds on a busy CPU."""
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    for path, var in nnx.to_flat_state(state):
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if len(path) > 1 and "norm" in str(path[-2]):
-            value = np.ones(shape)
-        elif path[-1] == "bias":  # the gate's balancing bias
-            value = np.zeros(shape)
-        else:
-            value = cfg.init_std * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(value, dtype))
-    return nnx.merge(graphdef, state)
 
 
 def drafty_model(cfg: ModelConfig, head_scale: float = 1.0, seed: int = 0) -> Transformer:

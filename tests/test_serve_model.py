@@ -19,29 +19,8 @@ import numpy as np
 import openai
 import pytest
 
+from model_support import random_model
 from serve_support import ROOT, client, free_port, wait_until
-
-
-def random_model(cfg, seed=0):
-    """Parameters drawn with numpy (norms 1, gate bias 0): init through jax.random compiles a
-    program per shape. A large init_std spreads the logits, so greedy choices are not near-ties."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dsv3_jax import Transformer
-
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    for path, var in nnx.to_flat_state(state):
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if len(path) > 1 and "norm" in str(path[-2]):
-            value = np.ones(shape)
-        elif path[-1] == "bias":
-            value = np.zeros(shape)
-        else:
-            value = cfg.init_std * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(value, dtype))
-    return nnx.merge(graphdef, state)
 
 
 CONTEXT = 64
