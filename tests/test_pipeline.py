@@ -77,11 +77,11 @@ def test_1f1b_and_dualpipev_activation_memory_does_not_grow_with_microbatches():
         large, _ = _temp_bytes(schedule, 10, mesh)
         growth[schedule] = large - small
     # GPipe's autodiff keeps every tick's stage input (6 more micro-batches -> >= 6 more inputs);
-    # 1F1B's stash is a ring of min(M, 2P-1) inputs (schedule.ring): 3 here for M = 4 and M = 10
+    # 1F1B's and DualPipeV's buffers hold the most inputs and output gradients any rank holds at
+    # once (schedule.buffer_slots), the same for M = 4 and M = 10 (DualPipeV: 2P+1 and P); their
+    # per-device totals at V3's scale: docs/BENCHMARKS.md
     assert growth["gpipe"] >= 6 * x_bytes, growth
     assert growth["1f1b"] < x_bytes, growth
-    # DualPipeV's buffers: the most inputs and output gradients any rank holds at once (buffer_slots),
-    # 2P+1 and P whatever M; its per-device total against 1F1B at V3's scale: docs/BENCHMARKS.md
     assert growth["dualpipev"] < x_bytes, growth
 
 
