@@ -4,9 +4,10 @@ without MTP speculation) against HF transformers' `generate`, on the same saved 
 Model: BENCH below, a small DeepSeek-V3-shaped MoE (4 layers, 1 dense; dim 256; 8 heads; 16
 routed experts, 4 active, 1 shared; kv_lora_rank 64, rope dim 16; vocab 4096; one MTP module;
 10.5M parameters), float32 weights and compute on both sides, our cache in bfloat16. Our MoE
-runs with moe_impl="dense" (all 16 experts on the few decode tokens: faster than ragged_dot on
-XLA:CPU); HF runs its default experts path with one torch thread (two threads on a shared 2-core
-machine oversubscribe and run up to 30x slower).
+runs with moe_impl="tiled" (at batch 1 a loop over the 4 token copies reading only the activated
+experts, `experts.copy_loop_experts`; the fast form on XLA:CPU where ragged_dot is slow); the
+engine runs the layers unstacked (`Engine(unstack=)`). HF runs its default experts path with one
+torch thread (two threads on a shared 2-core machine oversubscribe and run up to 30x slower).
 
 The weights are random except for three choices that make MTP drafts often right, so that the
 speculation columns mean something (a random model would accept ~1/vocab of its drafts):
@@ -128,8 +129,9 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--init_std", type=float, default=0.08, help="0.08: ~0.88 acceptance (V3 reports 0.85-0.9)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the fastest counts")
-    p.add_argument("--moe_impl", choices=["ragged", "dense"], default="dense",
-                   help="dense: every expert on the few decode tokens, faster than ragged_dot on CPU")
+    p.add_argument("--moe_impl", choices=["ragged", "tiled", "dense"], default="tiled",
+                   help="tiled: the fast form on XLA:CPU (decode: a loop over the token copies)")
+    p.add_argument("--stacked", action="store_true", help="decode with the scanned layer stack (Engine(unstack=False))")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--no_hf", action="store_true")
     p.add_argument("--hf_threads", type=int, default=1,
@@ -141,10 +143,11 @@ def main() -> None:
     save_pretrained(bench_model(BENCH, args.init_std), ckpt)
     model = from_pretrained(ckpt, moe_impl=args.moe_impl)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype))
+    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), unstack=not args.stacked)
     ours_bytes = bytes_per_token(jax.eval_shape(lambda: init_cache(BENCH, 1, 64, jnp.dtype(args.cache_dtype))))
     print(f"model: {n_params / 1e6:.1f}M parameters, {BENCH.n_layers} layers, dim {BENCH.dim}, "
-          f"{BENCH.n_routed_experts} experts (moe_impl={args.moe_impl}); checkpoint {ckpt}; "
+          f"{BENCH.n_routed_experts} experts (moe_impl={args.moe_impl}, layers {'stacked' if args.stacked else 'unstacked'}); "
+          f"checkpoint {ckpt}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "
           f"{args.new_tokens} new tokens, greedy; HF torch threads {args.hf_threads}", flush=True)
 

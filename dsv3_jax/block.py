@@ -1,4 +1,4 @@
-"""A decoder block and a scanned stack of them.
+"""A decoder block, a scanned stack of them, and the same layers unstacked for decoding (`BlockList`).
 
 Shape letters (the package legend): B batch, S tokens, D `dim`, L layers of the stack.
 
@@ -151,3 +151,38 @@ class BlockStack(nnx.Module):
         n = jax.tree.leaves(state)[0].shape[0]  # a pipeline stage holds its own slots of the stack
         (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(n)))
         return (join_pair(*x) if overlap else x), stats, cache
+
+
+class BlockList(nnx.Module):
+    """A BlockStack's layers unstacked: one Block per layer, each with its own weight arrays, run by
+    a Python loop. For decoding, where `Engine` uses it: a scanned stack slices layer i's weights out
+    of the stacked [L, ...] arrays in every step, and XLA (on CPU always; on GPU wherever the slice
+    cannot fold into the GEMM) materialises that slice, a copy of every weight of the model per
+    step that outweighs the step's arithmetic at small batch. The loop costs compile time (the
+    program holds L blocks) and nothing per step. Same call and results as the stack (the cache
+    still [L,B,T,...], layer i writing its slice); no remat, overlap or pipeline slots (`active`).
+    """
+
+    def __init__(self, stack: BlockStack, cfg: ModelConfig, *, moe: bool):
+        graphdef, stacked = nnx.split(stack.blocks)
+        flat = dict(nnx.to_flat_state(stacked))
+        blocks = []
+        for i in range(stack.n):
+            block = nnx.eval_shape(lambda: Block(cfg, moe=moe, rngs=nnx.Rngs(0)))
+            for path, var in nnx.to_flat_state(nnx.state(block)):
+                var.set_value(flat[path].get_value()[i])
+            blocks.append(block)
+        self.blocks = nnx.List(blocks)
+        self.n = stack.n
+
+    def __call__(self, x: jax.Array, ctx: Context, cache: LatentCache | None = None, *,
+                 form: str = "expanded", overlap: bool = False, active: jax.Array | None = None):
+        """As BlockStack.__call__ (stats stacked over the layers)."""
+        if overlap or active is not None:
+            raise ConfigError("BlockList (unstacked layers, for decoding) runs no overlap and no pipeline slots")
+        stats = []
+        for i, block in enumerate(self.blocks):
+            x, st, cache = block(x, ctx, cache, i, form=form)
+            stats.append(st)
+        stacked = None if stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *stats)
+        return x, stacked, cache

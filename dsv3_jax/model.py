@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.block import BlockStack
+from dsv3_jax.block import BlockList, BlockStack
 from dsv3_jax.cache import Cache, LatentCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.context import Context, make_context, sequence_positions
@@ -71,6 +71,18 @@ class Transformer(nnx.Module):
         self.head = normal_param(rngs, (cfg.vocab_size, cfg.dim), cfg.init_std, cfg.param_dtype,
                                  ("vocab", "embed"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.n_mtp_modules)])
+
+    def unstacked(self) -> "Transformer":
+        """The same model (the same embedding, head and MTP arrays) with each stack's layers as
+        separate arrays run by a Python loop (`block.BlockList`): the decoding form, free of the
+        per-step weight slicing a scanned stack costs. The stacked arrays stay with `self`."""
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state)
+        for name in STACKS:
+            stack = getattr(model, name)
+            if isinstance(stack, BlockStack):
+                setattr(model, name, BlockList(stack, self.cfg, moe=name == "moe_layers"))
+        return model
 
     # ---- the pieces -------------------------------------------------------------------------------
     def context(self, positions: jax.Array, kv_len: int | None = None) -> Context:

@@ -97,30 +97,32 @@ def test_v3_671b_prefill_and_speculative_step_trace_without_memory(fp8_weights):
     """jax.eval_shape of the programs at full size (FP8-stored weights: wkv_b is dequantized for
     absorption), with the 61-layer latent cache of 3 dense + 58 MoE layers and one MTP module."""
     cfg = preset("v3_671b", fp8_weights=fp8_weights)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    model_def, params = programs.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     s = SamplingConfig(temperature=0.7, top_p=0.9)
     state = jax.eval_shape(lambda: programs.empty_state(cfg, 2, 4096, n_draft=1, cache_dtype=jnp.bfloat16,
                                                        hidden_dtype=jnp.bfloat16))
-    new, out = jax.eval_shape(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(1),
+    new, out = jax.eval_shape(lambda p, st: programs.step(model_def, p, st, jax.random.key(0), jnp.int32(1),
                                                           n_draft=1, sampling=s.rows(2)), params, state)
     assert out.tokens.shape == (2, 2) and new.draft_probs.shape == (2, 1, cfg.vocab_size)
     assert [c.c_kv.shape for c in new.cache.layers] == [(3, 2, 4096, 512), (58, 2, 4096, 512)]
     assert new.cache.mtp[0].k_pe.shape == (1, 2, 4096, 64) and new.cache.mtp[0].k_pe.dtype == jnp.bfloat16
     rows, first = jax.eval_shape(
-        lambda p: programs.prefill(graphdef, p, jnp.zeros((2, 64), jnp.int32), jnp.array([3, 64]), jnp.arange(2),
+        lambda p: programs.prefill(model_def, p, jnp.zeros((2, 64), jnp.int32), jnp.array([3, 64]), jnp.arange(2),
                                    jnp.array([5, 5]), jax.random.key(0), jnp.int32(1), n_draft=1, sampling=s.rows(2),
                                    cache_dtype=jnp.dtype(jnp.bfloat16)), params)
     assert rows.cache.layers[1].c_kv.shape == (58, 2, 64, 512) and first.tokens.shape == (2, 1)
 
 
 # ---- prefill + decode == teacher forcing ------------------------------------------------------------
-@pytest.mark.parametrize("form", ["expanded", "absorbed"])
-def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, form):
+@pytest.mark.parametrize("form, unstacked", [("expanded", True), ("absorbed", False)])  # the engine: expanded prefill, unstacked
+def test_prefill_then_decode_steps_equal_the_teacher_forced_forward(model, form, unstacked):
     """Right-padded prefill of prompts of lengths 5 and 8 (expanded attention as the engine does,
     or absorbed), then 4 absorbed single-token steps, each fed the true next token: every logit
-    equals the full forward's (float32, 1e-4)."""
+    equals the full forward's (float32, 1e-4), with the layers scanned or unstacked as the
+    engine runs them."""
     tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, CFG.vocab_size)
     want = np.asarray(forward(model, tokens).logits)
+    model = model.unstacked() if unstacked else model
     lengths = np.array([5, 8])
     prompt = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], 0)  # right padding
     cache = init_cache(CFG, 2, 16, jnp.float32)
@@ -234,10 +236,13 @@ def test_disaggregated_prefill_and_decode_equal_the_single_program(model):
     single = Engine(model, cache_dtype=jnp.float32).generate(prompts, max_new_tokens=6, prefill_batch_size=4)
     disagg = Engine(model, cache_dtype=jnp.float32, prefill_mesh=make_mesh(4, 1, 1, devices[:4]),
                     decode_mesh=make_mesh(1, 1, 4, devices[4:]))
-    w1 = disagg.decode_params["moe_layers"]["blocks"]["ffn"]["experts"]["w1"]
-    assert w1[...].sharding.spec[1] == "expert" and set(w1[...].sharding.device_set) == set(devices[4:])
-    w1 = disagg.prefill_params["moe_layers"]["blocks"]["ffn"]["experts"]["w1"]
-    assert w1[...].sharding.is_fully_replicated and set(w1[...].sharding.device_set) == set(devices[:4])
+    def w1(params):  # the first MoE layer's (the engine runs the layers unstacked)
+        return jax.tree.unflatten(disagg.model_def.treedef, params)["moe_layers"]["blocks"][0]["ffn"]["experts"]["w1"]
+
+    w = w1(disagg.decode_params)[...]
+    assert w.sharding.spec[0] == "expert" and set(w.sharding.device_set) == set(devices[4:])
+    w = w1(disagg.prefill_params)[...]
+    assert w.sharding.is_fully_replicated and set(w.sharding.device_set) == set(devices[:4])
     got = disagg.generate(prompts, max_new_tokens=6, batch_size=8, prefill_batch_size=4)
     assert got.tokens == single.tokens
 

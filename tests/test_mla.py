@@ -110,9 +110,9 @@ def test_the_decode_step_never_expands_the_cache(model, mla):
     H, Z, R, O = CFG.n_heads, CFG.qk_nope_head_dim, CFG.qk_rope_head_dim, CFG.v_head_dim
     Bd, Td = 3, 64
     expanded = {(Bd, Td, H, Z), (Bd, Td, H, O), (Bd, Td, H * (Z + O)), (Bd, Td, H, Z + R)}
-    graphdef, params = nnx.split(model)
+    model_def, params = programs.split(model.unstacked())  # as the engine runs it
     state = programs.empty_state(CFG, Bd, Td, n_draft=1, cache_dtype=jnp.bfloat16, hidden_dtype=jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda p, st: programs.step(graphdef, p, st, jax.random.key(0), jnp.int32(-1),
+    jaxpr = jax.make_jaxpr(lambda p, st: programs.step(model_def, p, st, jax.random.key(0), jnp.int32(-1),
                                                       n_draft=1, sampling=SamplingConfig().rows(Bd)))(params, state)
     assert not _shapes(jaxpr.jaxpr) & expanded
     pd = jnp.broadcast_to(jnp.arange(Td), (Bd, Td))

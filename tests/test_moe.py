@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.experts import dense_reference, routed_experts, tiled_routed_experts
+from dsv3_jax.experts import dense_reference, routed_experts, tile_rows, tiled_routed_experts
 from dsv3_jax.moe import expert_load, route, sequence_balance_loss
 
 
@@ -129,10 +129,12 @@ def test_expert_load_counts_every_token_copy():
     np.testing.assert_array_equal(expert_load(idx, 5), [2, 1, 0, 3, 0])
 
 
+@pytest.mark.parametrize("tile", [16, 1])
 @pytest.mark.parametrize("load", ["spread", "one_hot_expert", "all_empty"])
-def test_tiled_routed_experts_equals_dense_values_and_gradients(load):
+def test_tiled_routed_experts_equals_dense_values_and_gradients(load, tile):
     """The CPU-friendly tile loop (tile 16) computes exactly what every-expert-on-every-token does:
-    idle experts, an expert over several tiles and its partial last tile, empty slots (id E)."""
+    idle experts, an expert over several tiles and its partial last tile, empty slots (id E).
+    Tiles of one row are the decode form (`copy_loop_experts`, a loop over the token copies)."""
     rng = np.random.default_rng(7)
     N, K, E = 40, 3, 8
     x = jnp.asarray(rng.normal(size=(N, 16)).astype(np.float32))
@@ -144,7 +146,7 @@ def test_tiled_routed_experts_equals_dense_values_and_gradients(load):
     elif load == "all_empty":
         ids[:] = E
     args = (x, jnp.asarray(rng.uniform(size=(N, K)).astype(np.float32)), jnp.asarray(ids, jnp.int32), w1, w2, w3)
-    tiled = lambda *a: tiled_routed_experts(*a, dtype=jnp.float32, tile=16)  # noqa: E731
+    tiled = lambda *a: tiled_routed_experts(*a, dtype=jnp.float32, tile=tile)  # noqa: E731
     dense = lambda *a: dense_reference(*a, dtype=jnp.float32)  # noqa: E731
     np.testing.assert_allclose(tiled(*args), dense(*args), rtol=1e-5, atol=1e-6)
     loss = lambda f: lambda *a: (f(*a) ** 2).sum()  # noqa: E731
@@ -152,3 +154,10 @@ def test_tiled_routed_experts_equals_dense_values_and_gradients(load):
     g_d = jax.grad(loss(dense), argnums=(0, 1, 3, 4, 5))(*args)
     for a, b in zip(g_t, g_d):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tile_height_follows_the_mean_rows_per_expert():
+    """A decode step's few copies get one-row tiles (only the activated experts are read); a batch
+    gets the mean rows per expert as a power of two, at most 64."""
+    assert [tile_rows(n, 16) for n in (4, 16, 17, 32, 100, 4096)] == [1, 1, 2, 2, 8, 64]
+    assert tile_rows(8 * 256, 256) == 8 and tile_rows(1, 256) == 1

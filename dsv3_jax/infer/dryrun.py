@@ -77,7 +77,8 @@ def cpu_fp8_upcast_bytes(hlo_text: str) -> int:
 def report(cfg: ModelConfig, mesh: Mesh, run: DryRun) -> dict:
     """Compile prefill and the decode step for `cfg` on `mesh`; -> per-device bytes and timings."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    params = abstract_with(params, state_shardings(params, mesh))
+    leaves, treedef = jax.tree.flatten(abstract_with(params, state_shardings(params, mesh)))
+    model_def, params = programs.ModelDef(graphdef, treedef), leaves
     dt = jnp.dtype(run.cache_dtype)
     state = jax.eval_shape(lambda: programs.empty_state(cfg, run.batch, run.max_len, n_draft=run.n_draft,
                                                        cache_dtype=dt, hidden_dtype=jnp.dtype(cfg.dtype)))
@@ -87,9 +88,9 @@ def report(cfg: ModelConfig, mesh: Mesh, run: DryRun) -> dict:
     key = jax.eval_shape(lambda: jax.random.key(0))
     static = dict(n_draft=run.n_draft, mesh=mesh)
     with jax.set_mesh(mesh):  # moe_impl="ep" opens its shard_map over the ambient mesh
-        decode, decode_s = _lower(programs.step, graphdef, params, state, key, jnp.int32(0),
+        decode, decode_s = _lower(programs.step, model_def, params, state, key, jnp.int32(0),
                                   sampling=SamplingConfig().rows(run.batch), **static)
-        prefill, prefill_s = _lower(programs.prefill, graphdef, params, rows(B, S), rows(B), rows(B), rows(B), key,
+        prefill, prefill_s = _lower(programs.prefill, model_def, params, rows(B, S), rows(B), rows(B), rows(B), key,
                                     jnp.int32(0), sampling=SamplingConfig().rows(B), cache_dtype=dt, **static)
     d, p = decode.memory_analysis(), prefill.memory_analysis()
     upcast = {"decode": cpu_fp8_upcast_bytes(decode.as_text()), "prefill": cpu_fp8_upcast_bytes(prefill.as_text())}

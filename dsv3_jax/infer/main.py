@@ -235,6 +235,7 @@ def run(args) -> None:
     if mesh is not None:
         jax.set_mesh(mesh)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
     engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), prefill_mesh=mesh, decode_mesh=mesh)
+    del model  # the engine holds its own (unstacked) copy of the layers: let the stacked arrays go
     printer = Printer(tok, len(prompts), args.max_new_tokens, tok.eos_id)
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                              eos_id=tok.eos_id, speculative=n_draft, batch_size=args.batch_size or None,

@@ -10,8 +10,8 @@ slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequen
 verification. Shapes never depend on lengths or positions, which are arrays, and neither does
 the program depend on the sampling settings or the EOS id, which are arrays too (per row:
 `sampling.RowSampling` [B], `eos_id` [] or [B]), so each program compiles once per (batch, S or
-T, A). The programs take the model as (graphdef, state) from `nnx.split`: the same parameter
-arrays as the `Transformer`. `Engine` (engine.py) drives them with one setting for every row;
+T, A). The programs take the model as (`ModelDef`, parameter leaves) from `split`: the same
+parameter arrays as the `Transformer`. `Engine` (engine.py) drives them with one setting for every row;
 the server (`dsv3_jax.serve`) gives each row its own and runs `step` K times per dispatch.
 
 A plain decode step is the speculative step with A = 0: the main model runs over the one pending
@@ -47,6 +47,40 @@ class DecodeState:
     active: jax.Array  # [B] bool: still generating (frozen once done)
     hidden: jax.Array | None  # [B,4A,D] main normalised hidden states by position mod 4A (A > 0)
     draft_probs: jax.Array | None  # [B,A,V] q of the pending drafts (A > 0; one-hot for greedy rows)
+
+
+class ModelDef:
+    """The model's structure as one static argument of the programs: its nnx GraphDef and the
+    treedef of its parameter leaves; the parameters travel as a flat list of arrays (`split`).
+
+    Why not the GraphDef and the nnx State themselves: jit hashes every static argument on every
+    call, and hashing a GraphDef walks the module graph (~0.6 ms on the decode benchmark's 4-layer
+    model), and an nnx State flattens through Python (~0.1 ms), host time paid on each decode
+    step. This hashes once and compares by identity first; a flat list flattens in C++.
+    """
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, ModelDef) and self._hash == other._hash
+                                 and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+
+    def merge(self, leaves):
+        """The Transformer over these parameter leaves (inside a program)."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+def split(model, mesh: Mesh | None = None) -> tuple[ModelDef, list]:
+    """model -> (ModelDef, its parameter leaves), placed on `mesh` by the logical-axis rules (the
+    model's own arrays without a mesh)."""
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(place_params(params, mesh))
+    return ModelDef(graphdef, treedef), leaves
 
 
 @jax.tree_util.register_dataclass
@@ -92,12 +126,12 @@ def constrain(tree, shardings):
 
 
 # ---- the programs ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "cache_dtype", "mesh"))
-def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, n_draft: int,
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "cache_dtype", "mesh"))
+def prefill(model_def: ModelDef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, n_draft: int,
             sampling: RowSampling, cache_dtype, mesh: Mesh | None = None):
     """prompt [B,S] right-padded, lengths [B], budget [B] -> (DecodeState with an S-slot cache,
     StepOutput of the first token)."""
-    model = nnx.merge(graphdef, params)
+    model = model_def.merge(params)
     cfg = model.cfg
     B, S = prompt.shape
     cache = init_cache(cfg, B, S, cache_dtype, n_draft)
@@ -121,11 +155,11 @@ def prefill(graphdef, params, prompt, lengths, seq_ids, budget, key, eos_id, *, 
     return constrain(state, state_shardings_for(state, mesh)), out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "mesh"), donate_argnums=(2,))
-def step(graphdef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh"), donate_argnums=(2,))
+def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
          mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
     """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A."""
-    model = nnx.merge(graphdef, params)
+    model = model_def.merge(params)
     B, Tb = state.tokens.shape
     rows = jnp.arange(B)[:, None]
     positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)

@@ -53,13 +53,11 @@ class RowSettings:
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
                  cache_dtype=jnp.bfloat16, mesh=None, seed: int = 0):
-        from flax import nnx
-
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
-        self.graphdef, params = nnx.split(model)
-        self.params = infer_programs.place_params(params, mesh)
+        # The layers unstacked (block.BlockList): what a decode step wants; the stacked arrays stay with `model`.
+        self.model_def, self.params = infer_programs.split(model.unstacked(), mesh)
         self.buckets = prompt_buckets(self.context)
         self.key = jax.random.key(seed)
         self.rs = SamplingConfig().rows(slots)  # numpy, edited in place as requests come and go
@@ -95,7 +93,7 @@ class DecodeBatch:
         S = self.bucket(len(prompt))
         tok = np.zeros((1, S), np.int32)
         tok[0, : len(prompt)] = prompt
-        rows, first = infer_programs.prefill(self.graphdef, self.params, tok, np.int32([len(prompt)]),
+        rows, first = infer_programs.prefill(self.model_def, self.params, tok, np.int32([len(prompt)]),
                                              np.int32([row.seq_id]), np.int32([budget]), self.key,
                                              np.int32([row.eos_id]), n_draft=self.n_draft,
                                              sampling=row.sampling.rows(1), cache_dtype=self.cache_dtype,
@@ -115,7 +113,7 @@ class DecodeBatch:
 
     def decode(self, n_steps: int) -> programs.ChunkOutput:
         """Run up to n_steps (<= K) steps; -> their outputs as numpy arrays."""
-        self.state, out = programs.decode(self.graphdef, self.params, self.state, self.keep.copy(),
+        self.state, out = programs.decode(self.model_def, self.params, self.state, self.keep.copy(),
                                           np.int32(min(n_steps, self.K)), self.rs, self.eos.copy(), self.key,
                                           n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh)
         return jax.tree.map(np.asarray, out)

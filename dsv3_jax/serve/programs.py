@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dsv3_jax.infer.programs import DecodeState, step
+from dsv3_jax.infer.programs import DecodeState, ModelDef, step
 from dsv3_jax.infer.sampling import RowSampling
 
 
@@ -46,8 +46,8 @@ class ChunkOutput:
     remaining: jax.Array  # [B] int32 after the last step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_draft", "max_steps", "mesh"), donate_argnums=(2,))
-def decode(graphdef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh"), donate_argnums=(2,))
+def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
            max_steps: int, mesh: Mesh | None = None) -> tuple[DecodeState, ChunkOutput]:
     """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active.
 
@@ -65,7 +65,7 @@ def decode(graphdef, params, state: DecodeState, keep, n_steps, rs: RowSampling,
     def body(carry):
         i, st, buf = carry
         # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
-        st, out = step(graphdef, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh)
+        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh)
         buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
         return i + 1, st, buf
 
