@@ -353,6 +353,7 @@ def _cli(*args):
     ("missing", "not a checkpoint directory"),
     ("malformed", "malformed|Expecting"),
     ("vocab", "outside the model's vocabulary"),
+    ("prefill_mesh", "4 devices leave none of the 4 to decode"),
 ])
 def test_cli_bad_input_exits_with_a_message(hf_dir, case, match):
     ok = str(hf_dir / "ok")
@@ -367,6 +368,7 @@ def test_cli_bad_input_exits_with_a_message(hf_dir, case, match):
         "missing": ["--hf_checkpoint", str(hf_dir / "nowhere"), "--prompt", "hi"],
         "malformed": ["--hf_checkpoint", str(hf_dir / "malformed"), "--prompt", "hi"],
         "vocab": ["--hf_checkpoint", str(hf_dir / "small_vocab"), "--prompt", "the quick brown fox"],
+        "prefill_mesh": ["--hf_checkpoint", ok, "--prompt", "hi", "--num_cpu_devices", "4", "--prefill_mesh", "1,1,4"],
     }[case]
     res = _cli(*args)
     # usage and config mistakes exit 2; unreadable files and checkpoints 1

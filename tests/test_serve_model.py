@@ -189,30 +189,31 @@ def test_bad_requests_leave_the_server_healthy(served):
 
 
 @pytest.mark.slow
-def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir):
+@pytest.mark.parametrize("mesh, prefill_mesh", [("1,1,8", None), ("1,1,4", "1,1,4")])
+def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir, mesh, prefill_mesh):
     """The batch on conftest's 8 fake devices, loaded as serve.py loads it (--mesh 1,1,8: experts
-    over 8 devices, EP decoding inside the decode loop): a request in slot 3 with MTP gets
-    Engine.generate's greedy tokens on the same mesh."""
+    over 8 devices, EP decoding inside the decode loop; or disaggregated, --prefill_mesh 1,1,4
+    --mesh 1,1,4: prefill on devices 0-3, the row's cache handed to decode on 4-7): a request in
+    slot 3 with MTP gets Engine.generate's greedy tokens on the decode mesh alone."""
     import argparse
-
-    import jax
 
     from dsv3_jax.infer import Engine
     from dsv3_jax.infer.main import load
     from dsv3_jax.serve.batch import DecodeBatch, RowSettings
 
-    args = argparse.Namespace(hf_checkpoint=str(hf_dir), checkpoint=None, dtype=None, mesh="1,1,8", attn_impl=None,
-                              keep_fp8=False)
-    model, _, mesh = load(args)
-    with jax.set_mesh(mesh):
-        want = Engine(model, prefill_mesh=mesh, decode_mesh=mesh).generate([[5, 6, 7]], max_new_tokens=10,
-                                                                           speculative=1).tokens[0]
-        batch = DecodeBatch(model, slots=8, max_len=CONTEXT + 1, n_draft=1, steps_per_dispatch=4, mesh=mesh)
-        got, active = batch.prefill(3, [5, 6, 7], 10, RowSettings())
-        while active:
-            out = batch.decode(4)
-            got += [t for s in range(int(out.steps)) for t in out.tokens[s, 3, : out.count[s, 3]].tolist()]
-            active = bool(out.active[3])
+    args = argparse.Namespace(hf_checkpoint=str(hf_dir), checkpoint=None, dtype=None, mesh=mesh, attn_impl=None,
+                              keep_fp8=False, prefill_mesh=prefill_mesh)
+    model, _, mesh, prefill_mesh = load(args)
+    assert set(prefill_mesh.devices.flat).isdisjoint(mesh.devices.flat) == (args.prefill_mesh is not None)
+    want = Engine(model, prefill_mesh=mesh, decode_mesh=mesh).generate([[5, 6, 7]], max_new_tokens=10,
+                                                                       speculative=1).tokens[0]
+    batch = DecodeBatch(model, slots=8, max_len=CONTEXT + 1, n_draft=1, steps_per_dispatch=4, mesh=mesh,
+                        prefill_mesh=prefill_mesh)
+    got, active = batch.prefill(3, [5, 6, 7], 10, RowSettings())
+    while active:
+        out = batch.decode(4)
+        got += [t for s in range(int(out.steps)) for t in out.tokens[s, 3, : out.count[s, 3]].tolist()]
+        active = bool(out.active[3])
     assert got == want
 
 

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser):
                          help="keep FP8 weights in e4m3 with their block scales (block-scaled FP8 matmuls)")
     weights.add_argument("--mesh", metavar="D,P,E", default=None,
                          help="data,pipeline,expert mesh (default: all devices, experts over as many as divide)")
+    weights.add_argument("--prefill_mesh", metavar="D,P,E", default=None,
+                         help="prefill on its own devices (prefill/decode disaggregation): the first D*P*E "
+                              "devices prefill, the rest decode (--mesh, over the remaining devices)")
     weights.add_argument("--num_cpu_devices", type=int, default=None, help="fake CPU devices (dry runs, tests)")
     weights.add_argument("--attn_impl", default=None,
                          help="attention kernel (ModelConfig.attn_impl: reference, blockwise, splash, tokamax, "

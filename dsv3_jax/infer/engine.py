@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dsv3_jax.infer import programs
-from dsv3_jax.infer.sampling import SamplingConfig
+from dsv3_jax.infer.sampling import RowSampling, SamplingConfig
 from dsv3_jax.model import Transformer
 from dsv3_jax.sharding import batch_sharding
 from dsv3_jax.errors import ConfigError
@@ -111,6 +111,20 @@ class Engine:
         self.model_def, self.prefill_params = programs.split(model, prefill_mesh)
         self.decode_params = (self.prefill_params if decode_mesh is prefill_mesh
                               else programs.split(model, decode_mesh)[1])
+
+    def prefill(self, tokens, lengths, seq_ids, budget, key, eos, *, n_draft: int, sampling: RowSampling):
+        """Prefill rows (tokens [B,S] right-padded, lengths/seq_ids/budget [B]) on the prefill mesh,
+        rows over its data axes -> (their DecodeState, handed to the decode mesh; the first tokens).
+        The hand-off is the latent cache (S slots per sequence) and the small per-row state."""
+        args = [tokens, lengths, seq_ids, budget]
+        if self.prefill_mesh is not None:
+            args = [jax.device_put(a, batch_sharding(self.prefill_mesh, np.shape(a))) for a in args]
+        with programs.on_mesh(self.prefill_mesh):
+            rows, first = programs.prefill(self.model_def, self.prefill_params, *args, key, eos, n_draft=n_draft,
+                                           sampling=sampling, cache_dtype=self.cache_dtype, mesh=self.prefill_mesh)
+        if self.decode_mesh is not None and self.decode_mesh is not self.prefill_mesh:
+            rows = jax.device_put(rows, programs.state_shardings_for(rows, self.decode_mesh))
+        return rows, first
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
@@ -214,16 +228,9 @@ class _Run:
             if i >= 0:
                 tok[r, : len(self.prompts[i])] = self.prompts[i]
                 lengths[r], budget[r] = len(self.prompts[i]), self.budget[i]
-        args = [tok, lengths, np.asarray([max(i, 0) for i in chunk], np.int32), budget]
-        if e.prefill_mesh is not None:  # rows over the prefill mesh's data axes
-            args = [jax.device_put(a, batch_sharding(e.prefill_mesh, a.shape)) for a in args]
-        rows, first = programs.prefill(e.model_def, e.prefill_params, *args, self.key, self.eos, n_draft=self.n_draft,
-                                       sampling=self.sampling.rows(len(chunk)), cache_dtype=e.cache_dtype,
-                                       mesh=e.prefill_mesh)
-        if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
-            # The hand-off: the latent cache (S slots per sequence) and the small per-row state.
-            rows = jax.device_put(rows, programs.state_shardings_for(rows, e.decode_mesh))
-        return rows, first
+        seq_ids = np.asarray([max(i, 0) for i in chunk], np.int32)
+        return e.prefill(tok, lengths, seq_ids, budget, self.key, self.eos, n_draft=self.n_draft,
+                         sampling=self.sampling.rows(len(chunk)))
 
     def decode(self, ids: list[int], state: programs.DecodeState) -> None:
         """Step until every row is done, one step in flight: step i+1 is dispatched before step
@@ -237,8 +244,9 @@ class _Run:
             alive = active & (remaining > 1) if in_flight is not None else active
             nxt = None
             if alive.any():
-                state, nxt = programs.step(e.model_def, e.decode_params, state, self.key, self.eos,
-                                           n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh)
+                with programs.on_mesh(e.decode_mesh):
+                    state, nxt = programs.step(e.model_def, e.decode_params, state, self.key, self.eos,
+                                               n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh)
             if in_flight is not None:
                 self._count(in_flight)
                 self.emit(in_flight, ids)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -78,24 +79,46 @@ def setup_devices(args) -> None:
                                    + f" --xla_force_host_platform_device_count={args.num_cpu_devices}")
 
 
-def make_mesh(spec: str | None, n_routed_experts: int):
-    """--mesh D,P,E, or all devices with experts over the largest device count that divides them."""
-    from dsv3_jax.sharding import make_mesh as mesh_of
-
-    n = jax.device_count()
-    if spec is None:
-        expert = max(e for e in range(1, n + 1) if n % e == 0 and n_routed_experts % max(e, 1) == 0)
-        return mesh_of(n // expert, 1, expert)
+def _mesh_shape(spec: str, flag: str, n_routed_experts: int) -> tuple[int, int, int]:
     try:
         data, pipeline, expert = (int(v) for v in spec.split(","))
     except ValueError:
-        raise ConfigError(f"--mesh {spec!r}: expected three integers data,pipeline,expert, e.g. 1,1,8") from None
+        raise ConfigError(f"--{flag} {spec!r}: expected three integers data,pipeline,expert, e.g. 1,1,8") from None
     if min(data, pipeline, expert) < 1:
-        raise ConfigError(f"--mesh {spec!r}: every degree must be >= 1")
+        raise ConfigError(f"--{flag} {spec!r}: every degree must be >= 1")
     if n_routed_experts % expert:
-        raise ConfigError(f"--mesh {spec!r}: expert={expert} must divide the model's {n_routed_experts} routed "
+        raise ConfigError(f"--{flag} {spec!r}: expert={expert} must divide the model's {n_routed_experts} routed "
                           "experts")
-    return mesh_of(data, pipeline, expert)
+    return data, pipeline, expert
+
+
+def make_mesh(spec: str | None, n_routed_experts: int, devices=None, flag: str = "mesh"):
+    """--mesh D,P,E, or all `devices` (default: all) with experts over the largest count that divides them."""
+    from dsv3_jax.sharding import make_mesh as mesh_of
+
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    if spec is None:
+        expert = max(e for e in range(1, n + 1) if n % e == 0 and n_routed_experts % max(e, 1) == 0)
+        return mesh_of(n // expert, 1, expert, devices)
+    return mesh_of(*_mesh_shape(spec, flag, n_routed_experts), devices)
+
+
+def make_meshes(args, n_routed_experts: int):
+    """-> (decode mesh, prefill mesh): both None on one device without --mesh; the same mesh unless
+    --prefill_mesh takes the first devices for prefill, the decode mesh then the rest."""
+    if not args.prefill_mesh:
+        if not (args.mesh or jax.device_count() > 1):
+            return None, None
+        mesh = make_mesh(args.mesh, n_routed_experts)
+        return mesh, mesh
+    n_prefill = math.prod(_mesh_shape(args.prefill_mesh, "prefill_mesh", n_routed_experts))
+    devices = jax.devices()
+    if n_prefill >= len(devices):
+        raise ConfigError(f"--prefill_mesh {args.prefill_mesh!r}: {n_prefill} devices leave none of the "
+                          f"{len(devices)} to decode")
+    return (make_mesh(args.mesh, n_routed_experts, devices[n_prefill:]),
+            make_mesh(args.prefill_mesh, n_routed_experts, devices[:n_prefill], "prefill_mesh"))
 
 
 def mesh_config(cfg, mesh):
@@ -106,20 +129,23 @@ def mesh_config(cfg, mesh):
 
 # ---- model and tokenizer ------------------------------------------------------------------------
 def load(args):
-    """-> (model, tokenizer, mesh or None)."""
+    """-> (model, tokenizer, decode mesh or None, prefill mesh or None: see make_meshes)."""
     if args.hf_checkpoint:
         cfg = pretrained_config(args.hf_checkpoint, dtype=args.dtype)
-        mesh = make_mesh(args.mesh, cfg.n_routed_experts) if (args.mesh or jax.device_count() > 1) else None
+        mesh, prefill_mesh = make_meshes(args, cfg.n_routed_experts)
         overrides = {} if mesh is None else {"moe_impl": mesh_config(cfg, mesh).moe_impl}
+        if overrides.get("moe_impl") == "ep" and prefill_mesh.shape["expert"] == 1:
+            raise ConfigError(f"--prefill_mesh {args.prefill_mesh!r}: the decode mesh splits experts (expert "
+                              "parallelism), so the prefill mesh must too (expert >= 2)")
         if args.attn_impl:
             overrides["attn_impl"] = args.attn_impl
         model = from_pretrained(args.hf_checkpoint, dtype=args.dtype, keep_fp8=args.keep_fp8, mesh=mesh,
                                 **overrides)
-        return model, load_tokenizer(args.hf_checkpoint), mesh
-    for flag in ("dtype", "mesh"):
-        if getattr(args, flag) is not None:
+        return model, load_tokenizer(args.hf_checkpoint), mesh, prefill_mesh
+    for flag in ("dtype", "mesh", "prefill_mesh"):
+        if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag} applies to --hf_checkpoint; a training workdir keeps its own")
-    return (*load_for_inference(args.checkpoint), None)
+    return (*load_for_inference(args.checkpoint), None, None)
 
 
 def dry_run(args) -> None:
@@ -218,7 +244,7 @@ def run(args) -> None:
     if args.batch_size < 0:
         raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1 (0: all prompts together)")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # before the load
-    model, tok, mesh = load(args)
+    model, tok, mesh, prefill_mesh = load(args)
     cfg = model.cfg
     _, prompts = read_prompts(args, tok)
     for i, p in enumerate(prompts):  # the engine stops at the context's end: say so, once per prompt
@@ -232,9 +258,7 @@ def run(args) -> None:
             raise ConfigError("--speculative mtp: the checkpoint has no MTP module")
         n_draft = cfg.n_mtp_modules
 
-    if mesh is not None:
-        jax.set_mesh(mesh)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
-    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), prefill_mesh=mesh, decode_mesh=mesh)
+    engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), prefill_mesh=prefill_mesh, decode_mesh=mesh)
     del model  # the engine holds its own (unstacked) copy of the layers: let the stacked arrays go
     printer = Printer(tok, len(prompts), args.max_new_tokens, tok.eos_id)
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,

@@ -20,6 +20,7 @@ token, and the "bonus" token is the sampled next token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -230,6 +231,12 @@ def state_shardings_for(state: DecodeState, mesh: Mesh | None):
     rest = {f.name: jax.tree.map(rows, getattr(state, f.name))
             for f in dataclasses.fields(DecodeState) if f.name != "cache"}
     return DecodeState(cache=cache_shardings(state.cache, mesh), **rest)
+
+
+def on_mesh(mesh: Mesh | None):
+    """Run a program under its own mesh (a context; nothing without one): moe_impl="ep" opens its
+    shard_map over the ambient mesh, and with disaggregation prefill and decode have different ones."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def place_params(params, mesh: Mesh | None):

@@ -7,7 +7,8 @@ Slot i is row i of every array of the decode `DecodeState`: its latent cache row
 `active` flag, and row i of the per-row sampling settings and EOS id kept here on the host. A
 request is prefilled alone by `infer.programs.prefill` (a batch of one, its prompt right-padded to
 the smallest bucket S = 16, 32, 64, ... that holds it) and `infer.programs.insert` copies the
-result into its slot; `serve.programs.decode` then runs up to K of infer's steps per dispatch;
+result into its slot (with `--prefill_mesh`, prefill runs on its own devices and the row's latent
+cache moves to the decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs up to K of infer's steps per dispatch;
 when it leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies.
 The slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.infer import programs as infer_programs
+from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.sampling import SamplingConfig
 from dsv3_jax.serve import programs
 
@@ -52,12 +54,15 @@ class RowSettings:
 
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
-                 cache_dtype=jnp.bfloat16, mesh=None, seed: int = 0):
+                 cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, seed: int = 0):
+        """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
+        prefilled row's latent cache moves to `mesh` before its insert), default `mesh`."""
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
-        # The layers unstacked (block.BlockList): what a decode step wants; the stacked arrays stay with `model`.
-        self.model_def, self.params = infer_programs.split(model.unstacked(), mesh)
+        # The model as infer's Engine holds it: layers unstacked, parameters placed on each mesh.
+        self.engine = Engine(model, cache_dtype=cache_dtype, prefill_mesh=mesh if prefill_mesh is None else prefill_mesh,
+                             decode_mesh=mesh)
         self.buckets = prompt_buckets(self.context)
         self.key = jax.random.key(seed)
         self.rs = SamplingConfig().rows(slots)  # numpy, edited in place as requests come and go
@@ -93,11 +98,9 @@ class DecodeBatch:
         S = self.bucket(len(prompt))
         tok = np.zeros((1, S), np.int32)
         tok[0, : len(prompt)] = prompt
-        rows, first = infer_programs.prefill(self.model_def, self.params, tok, np.int32([len(prompt)]),
-                                             np.int32([row.seq_id]), np.int32([budget]), self.key,
-                                             np.int32([row.eos_id]), n_draft=self.n_draft,
-                                             sampling=row.sampling.rows(1), cache_dtype=self.cache_dtype,
-                                             mesh=self.mesh)
+        rows, first = self.engine.prefill(tok, np.int32([len(prompt)]), np.int32([row.seq_id]), np.int32([budget]),
+                                          self.key, np.int32([row.eos_id]), n_draft=self.n_draft,
+                                          sampling=row.sampling.rows(1))
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
         if active:
             self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
@@ -113,9 +116,11 @@ class DecodeBatch:
 
     def decode(self, n_steps: int) -> programs.ChunkOutput:
         """Run up to n_steps (<= K) steps; -> their outputs as numpy arrays."""
-        self.state, out = programs.decode(self.model_def, self.params, self.state, self.keep.copy(),
-                                          np.int32(min(n_steps, self.K)), self.rs, self.eos.copy(), self.key,
-                                          n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh)
+        with infer_programs.on_mesh(self.mesh):
+            self.state, out = programs.decode(self.engine.model_def, self.engine.decode_params, self.state,
+                                              self.keep.copy(), np.int32(min(n_steps, self.K)), self.rs,
+                                              self.eos.copy(), self.key, n_draft=self.n_draft, max_steps=self.K,
+                                              mesh=self.mesh)
         return jax.tree.map(np.asarray, out)
 
     def warmup(self) -> None:

@@ -5,7 +5,7 @@
     python serve.py --checkpoint runs/default --slots 16 --max_len 2048 --max_queue 128
 
 The model loads the way `infer.py` loads it (the same flags: --checkpoint WORKDIR or
---hf_checkpoint DIR, --dtype, --keep_fp8, --mesh, --attn_impl) on the scheduler thread while
+--hf_checkpoint DIR, --dtype, --keep_fp8, --mesh, --prefill_mesh, --attn_impl) on the scheduler thread while
 the HTTP server already answers: /health says 503 until the model is loaded and every program is
 compiled, then 200. A model that fails to load ends the server with a one-line message and exit
 status 1. SIGTERM (or Ctrl-C) stops accepting connections, lets every request in flight finish,
@@ -57,14 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- the model, on the scheduler thread -----------------------------------------------------------
 def start_batch(args):
     """Load the model as infer.py does and build the decode batch -> (DecodeBatch, tokenizer)."""
-    import jax
     import jax.numpy as jnp
 
     from dsv3_jax.infer.main import load
     from dsv3_jax.serve.batch import DecodeBatch
 
     t0 = time.perf_counter()
-    model, tok, mesh = load(args)
+    model, tok, mesh, prefill_mesh = load(args)
     cfg = model.cfg
     if tok is None:
         raise ConfigError("the checkpoint has no tokenizer (tokenizer.json): the server needs one")
@@ -76,11 +75,9 @@ def start_batch(args):
     max_len = args.max_len or min(cfg.max_seq_len, 4096) + n_draft
     if max_len < n_draft + 2:
         raise ConfigError(f"--max_len {max_len}: too small to hold a prompt and a token")
-    if mesh is not None:
-        jax.set_mesh(mesh)  # the ambient mesh: moe_impl="ep" opens its shard_map over it
     batch = DecodeBatch(model, slots=args.slots, max_len=max_len, n_draft=n_draft,
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
-                        mesh=mesh, seed=args.seed)
+                        mesh=mesh, prefill_mesh=prefill_mesh, seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s", time.perf_counter() - t0,
              len(batch.buckets), batch.buckets, args.slots, max_len, f"MTP with {n_draft} draft(s)" if n_draft
