@@ -176,13 +176,15 @@ class Transformer(nnx.Module):
         h, stats, _ = self.trunk(self.embed(tokens), ctx, overlap=overlap)
         return self.heads(h, tokens, ctx, stats, with_mtp=with_mtp, logits=logits)
 
-    def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: Cache, *, form: str):
-        """Inference forward over S new tokens at `positions` [B,S], attending over the cache's T
-        slots -> hidden state [B,S,D] before the final norm, the cache with their latents written.
+    def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: Cache, *, form: str,
+                       kv_len: int | None = None):
+        """Inference forward over S new tokens at `positions` [B,S], attending over the cache's
+        first kv_len slots (default all T; every position must lie below it) -> hidden state
+        [B,S,D] before the final norm, the cache with their latents written.
 
         Prefill is the call with positions 0..S-1 of an S-slot cache and form="expanded"; a decode
         step or a speculative verification the call at length + (0..S-1) with form="absorbed".
         """
-        ctx = self.context(positions, kv_len=cache.slots)
+        ctx = self.context(positions, kv_len=kv_len or cache.slots)
         h, _, layers = self.trunk(self.embed(tokens), ctx, cache.layers, form=form)
         return h, dataclasses.replace(cache, layers=layers)

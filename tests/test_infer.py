@@ -173,6 +173,20 @@ def test_greedy_generation_equals_argmax_of_the_full_forward(model, greedy):
     assert greedy.stats.generated_tokens == NEW * len(PROMPTS)
 
 
+@pytest.mark.parametrize("speculative", [0, 2])
+def test_steps_attend_a_growing_cache_prefix_and_equal_the_full_forward(model, engine, speculative):
+    """A 40-token prompt and 40 greedy tokens in a 256-slot cache: the steps attend the first 64,
+    then 128 slots (`programs.kv_len_for`), crossing the bucket mid-generation, and every token is
+    the full forward's argmax; so with MTP drafts, whose cache writes run ahead of the length."""
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, CFG.vocab_size, 40)]
+    got = engine.generate([prompt], max_new_tokens=40, max_len=256, speculative=speculative).tokens[0]
+    seq = list(prompt)
+    for _ in range(40):
+        seq.append(int(jnp.argmax(forward(model, jnp.asarray([seq + [0] * (80 - len(seq))])).logits[0, len(seq) - 1])))
+    assert got == seq[len(prompt):]
+    assert programs.kv_len_for(40 + 3, 256) == 64 and programs.kv_len_for(80 + 3, 256) == 128
+
+
 def test_a_batch_of_different_lengths_equals_each_prompt_alone(engine, greedy):
     for i, prompt in enumerate(PROMPTS):
         alone = engine.generate([prompt], max_new_tokens=NEW, batch_size=3)  # same programs, two empty rows

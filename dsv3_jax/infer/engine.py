@@ -246,7 +246,8 @@ class _Run:
             if alive.any():
                 with programs.on_mesh(e.decode_mesh):
                     state, nxt = programs.step(e.model_def, e.decode_params, state, self.key, self.eos,
-                                               n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh)
+                                               n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh,
+                                               kv_len=self._kv_len(ids, alive, in_flight is not None))
             if in_flight is not None:
                 self._count(in_flight)
                 self.emit(in_flight, ids)
@@ -257,6 +258,14 @@ class _Run:
             if nxt is None:
                 return
             in_flight = nxt
+
+    def _kv_len(self, ids: list[int], alive: np.ndarray, in_flight: bool) -> int:
+        """The cache prefix the next step attends: it holds every live row's slots written so far
+        (prompt + emitted - 1: the newest token is still pending), what the step in flight may add,
+        and this step's A+1 positions."""
+        A1 = self.n_draft + 1
+        written = max(len(self.prompts[i]) + len(self.results[i]) - 1 for r, i in enumerate(ids) if alive[r])
+        return programs.kv_len_for(min(written + (2 if in_flight else 1) * A1 + 1, self.T), self.T)
 
     def _count(self, out: programs.StepOutput):
         was = np.asarray(out.was_active)

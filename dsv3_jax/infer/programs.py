@@ -95,6 +95,24 @@ class StepOutput:
     remaining: jax.Array | None = None  # [B] int32: after the step
 
 
+def buckets(limit: int, first: int) -> list[int]:
+    """first, 2 first, 4 first, ... below limit, then limit: log2(limit/first) shapes to compile
+    instead of one per length."""
+    out, b = [], first
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+KV_BUCKET = 64  # the smallest attended prefix of the cache (`step`'s kv_len)
+
+
+def kv_len_for(longest: int, T: int) -> int:
+    """The smallest kv bucket of a T-slot cache holding positions < longest."""
+    return next(b for b in buckets(T, KV_BUCKET) if b >= longest)
+
+
 def token_buffer_len(max_len: int, n_draft: int) -> int:
     return max_len + 2 * n_draft + 2
 
@@ -156,16 +174,21 @@ def prefill(model_def: ModelDef, params, prompt, lengths, seq_ids, budget, key, 
     return constrain(state, state_shardings_for(state, mesh)), out
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))
 def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
-         mesh: Mesh | None = None) -> tuple[DecodeState, StepOutput]:
-    """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A."""
+         mesh: Mesh | None = None, kv_len: int | None = None) -> tuple[DecodeState, StepOutput]:
+    """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A.
+
+    kv_len (one of `kv_buckets`; default all T): attend over the cache's first kv_len slots only,
+    which must exceed length + A of every active row (frozen rows compute garbage, never read).
+    Attention then costs what the sequences hold, not what the slots could: a server sized for
+    4096-token requests does not read 4096 slots per row and step for 200-token ones."""
     model = model_def.merge(params)
     B, Tb = state.tokens.shape
     rows = jnp.arange(B)[:, None]
     positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
     fed = jnp.take_along_axis(state.tokens, jnp.minimum(positions, Tb - 1), axis=1)
-    h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed")
+    h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed", kv_len=kv_len)
     logits = model.logits(h)  # [B,A+1,V]
     a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
     out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,
@@ -181,7 +204,7 @@ def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draf
         wpos = length[:, None] - W + jnp.arange(W, dtype=jnp.int32)
         h_win = jnp.take_along_axis(hidden, (wpos % hidden.shape[1])[..., None], axis=1)
         cache, tokens, q = draft(model, cache, tokens, h_win, wpos, length, state.seq_id, key, sampling,
-                                 form="absorbed")
+                                 form="absorbed", kv_len=kv_len)
     new_state = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
     return constrain(new_state, state_shardings_for(new_state, mesh)), out
 

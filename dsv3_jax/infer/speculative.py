@@ -68,7 +68,8 @@ def accept_sampled(p: jax.Array, q: jax.Array, drafts: jax.Array, uniform: jax.A
 
 
 def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array, wpos: jax.Array,
-          length: jax.Array, seq_ids: jax.Array, key: jax.Array, rs: RowSampling, *, form: str):
+          length: jax.Array, seq_ids: jax.Array, key: jax.Array, rs: RowSampling, *, form: str,
+          kv_len: int | None = None):
     """Run the MTP chain over the window positions wpos [B,W] and draft A tokens.
 
     tokens [B,Tb] holds every known token by position (the pending one at `length`); h_main
@@ -76,6 +77,7 @@ def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array
     window's MTP entries written, tokens with d_k stored at length+k, and q [B,A,V] (one-hot for
     greedy rows: any row of the batch may sample, so q is kept for all of them).
     form: "expanded" for prefill's whole-prompt window, "absorbed" for a decode step (mla.py).
+    kv_len: cache slots attended (default all), as Transformer.forward_cached.
     """
     last = (length - 1 - wpos[:, 0])[:, None, None]  # window column of position length-1
     rows = jnp.arange(tokens.shape[0])
@@ -91,7 +93,7 @@ def draft(model: Transformer, cache: Cache, tokens: jax.Array, h_main: jax.Array
         drafted = tokens.at[rows, pos].set(sample(logits, token_keys(key, seq_ids, pos, DRAFT), rs), mode="drop")
         return drafted
 
-    ctx = model.context(wpos, kv_len=cache.slots)
+    ctx = model.context(wpos, kv_len=kv_len or cache.slots)
     _, _, mtp = model.mtp_chain(h_main, tokens, ctx, cache.mtp, depth=len(cache.mtp), form=form,
                                 after_depth=sample_draft)
     return Cache(layers=cache.layers, mtp=mtp), drafted, jnp.stack(qs, axis=1)

@@ -36,11 +36,7 @@ FIRST_BUCKET = 16
 
 def prompt_buckets(max_len: int) -> list[int]:
     """16, 32, 64, ... up to and including max_len: log2(T/16) prefill shapes instead of T/16."""
-    out, b = [], FIRST_BUCKET
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return out + [max_len]
+    return infer_programs.buckets(max_len, FIRST_BUCKET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +64,10 @@ class DecodeBatch:
         self.rs = SamplingConfig().rows(slots)  # numpy, edited in place as requests come and go
         self.eos = np.full(slots, -1, np.int32)
         self.keep = np.ones(slots, bool)
+        # Per slot, what the host knows between dispatches: generating, and the cache slots written
+        # (prompt + tokens emitted by decode steps): the attended prefix each dispatch needs.
+        self.active = np.zeros(slots, bool)
+        self.length = np.zeros(slots, np.int64)
         self.state = self._empty()
 
     @property
@@ -85,6 +85,7 @@ class DecodeBatch:
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
         self.keep[:] = True
+        self.active[:] = False
         self.state = self._empty()
 
     def state_lost(self) -> bool:
@@ -106,6 +107,7 @@ class DecodeBatch:
             self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
             self.rs.set_row(slot, row.sampling)
             self.eos[slot], self.keep[slot] = row.eos_id, True
+            self.active[slot], self.length[slot] = True, len(prompt)
         return tokens[0, : count[0]].tolist(), active
 
     def free(self, slot: int) -> None:
@@ -115,12 +117,23 @@ class DecodeBatch:
         self.rs.set_row(slot, SamplingConfig())
 
     def decode(self, n_steps: int) -> programs.ChunkOutput:
-        """Run up to n_steps (<= K) steps; -> their outputs as numpy arrays."""
+        """Run up to n_steps (<= K) steps over the smallest cache prefix that holds them -> their
+        outputs as numpy arrays."""
+        n = min(n_steps, self.K)
+        live = self.active & self.keep
+        # n steps advance a row by at most n (A+1) positions, the last writing up to length + A
+        longest = int(self.length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
+        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len))
+        self.length += out.count.sum(axis=0)
+        self.active = out.active.copy()
+        return out
+
+    def _dispatch(self, n_steps: int, kv_len: int) -> programs.ChunkOutput:
         with infer_programs.on_mesh(self.mesh):
             self.state, out = programs.decode(self.engine.model_def, self.engine.decode_params, self.state,
-                                              self.keep.copy(), np.int32(min(n_steps, self.K)), self.rs,
-                                              self.eos.copy(), self.key, n_draft=self.n_draft, max_steps=self.K,
-                                              mesh=self.mesh)
+                                              self.keep.copy(), np.int32(n_steps), self.rs, self.eos.copy(),
+                                              self.key, n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh,
+                                              kv_len=kv_len)
         return jax.tree.map(np.asarray, out)
 
     def warmup(self) -> None:
@@ -128,8 +141,10 @@ class DecodeBatch:
         decode loop (with a sampled row, so both sides of every `lax.cond` run once)."""
         for S in self.buckets:
             self.prefill(0, [0] * min(S, self.context - 1), 2, RowSettings(SamplingConfig(1.0, top_k=2, top_p=0.5)))
-        self.decode(self.K)
+        for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
+            self._dispatch(self.K, kv_len)
         self.free(0)
+        self.active[:] = False
 
     def compiled_programs(self) -> int:
         return sum(f._cache_size() for f in (infer_programs.prefill, programs.decode, infer_programs.insert))

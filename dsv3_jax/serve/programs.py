@@ -46,12 +46,14 @@ class ChunkOutput:
     remaining: jax.Array  # [B] int32 after the last step
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh", "kv_len"),
+                   donate_argnums=(2,))
 def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
-           max_steps: int, mesh: Mesh | None = None) -> tuple[DecodeState, ChunkOutput]:
+           max_steps: int, mesh: Mesh | None = None, kv_len: int | None = None) -> tuple[DecodeState, ChunkOutput]:
     """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active.
 
     keep [B] bool: rows the host let go (a stop string, a closed connection) are deactivated first.
+    kv_len: the cache prefix every step attends (infer's `step`); it must hold all n_steps.
     """
     state = dataclasses.replace(state, active=state.active & keep)
     B, A1 = state.tokens.shape[0], n_draft + 1
@@ -65,7 +67,7 @@ def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: R
     def body(carry):
         i, st, buf = carry
         # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
-        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh)
+        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len)
         buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
         return i + 1, st, buf
 
