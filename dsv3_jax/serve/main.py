@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond that, 429")
     p.add_argument("--steps_per_dispatch", type=int, default=4,
-                   help="decode steps per device dispatch when nobody waits to join (streaming granularity)")
+                   help="decode steps per device dispatch (streaming granularity; a waiting request joins between dispatches)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")

@@ -13,9 +13,9 @@ The loop, once the model is loaded and every program compiled (`ready`):
   2. while a request waits and a slot is free: prefill it alone and insert it into the slot
      (its first token streams out at once);
   3. if any slot is busy, run one decode dispatch: K steps on the device (`--steps_per_dispatch`,
-     the streaming granularity), or fewer when a request is waiting for a slot, so that it joins
-     as soon as a row can finish; then hand each request its tokens, and retire those that hit
-     EOS, a stop string or their max_tokens.
+     the streaming granularity and the most steps a waiting request waits for a freed slot), over
+     the smallest cache prefix that holds them; then hand each request its tokens, and retire
+     those that hit EOS, a stop string or their max_tokens.
 A request therefore joins and leaves between two dispatches, never waiting for the rest of the
 batch, and the compiled shapes never change.
 
@@ -224,18 +224,13 @@ class Scheduler:
                 self.metrics.prompt_tokens.inc(len(p.prompt))
             self._deliver(req, slot, first, time.perf_counter(), still_active=active)
 
-    def _steps_for_next_dispatch(self) -> int:
-        """K steps, or when a request waits for a slot, only until the first row can have finished
-        (every step emits at least one token per active row)."""
-        K = self.batch.K
-        if not self._waiting:
-            return K
-        left = [r.budget - r.completion_tokens for r in self._running.values()]
-        return max(1, min([K, *left]))
-
     def _decode(self) -> None:
         try:
-            out = self.batch.decode(self._steps_for_next_dispatch())
+            # K steps even while a request waits: a slot freed mid-dispatch idles for the rest of it
+            # (at most K-1 steps), which cost less than cutting dispatches short at the first row
+            # that can finish did in extra dispatches (bench/serve.py: 1.66x -> 2.18x static at
+            # saturation, docs/BENCHMARKS.md). The loop ends early once no row is active.
+            out = self.batch.decode(self.batch.K)
         except Exception as e:  # noqa: BLE001 - a device error: the batch is lost, the server is not
             self._reset(e)
             return
