@@ -49,10 +49,12 @@ class FakeTokenizer:
 class FakeBatch:
     """`DecodeBatch`'s interface without JAX: every row continues its last character (b, c, d, ...),
     then EOS after "~". A prompt containing "!" fails in prefill; `fail_next_decode` fails one decode
-    dispatch; `gate` holds decode dispatches until set."""
+    dispatch; `gate` holds decode dispatches until set. A prompt longer than `chunk` enters in
+    chunks (`admit` pauses between them); `calls` logs chunks and decode dispatches in order."""
 
-    def __init__(self, slots=2, K=4, context=4096, step_s=0.0):
+    def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096):
         self.slots, self.K, self.n_draft, self.context, self.step_s = slots, K, 0, context, step_s
+        self.chunk, self.calls = chunk, []
         self.cfg = types.SimpleNamespace(vocab_size=128)
         self.gate = threading.Event()
         self.gate.set()
@@ -88,7 +90,15 @@ class FakeBatch:
         first = self._emit(slot, prompt[-1])
         return [first], bool(self.active[slot])
 
+    def admit(self, slot, prompt, budget, row):
+        for start in range(self.chunk, len(prompt), self.chunk):
+            self.calls.append("chunk")
+            yield
+        self.calls.append("chunk")
+        return self.prefill(slot, prompt, budget, row)
+
     def decode(self, n):
+        self.calls.append("decode")
         assert self.gate.wait(30), "the test never opened the gate"
         time.sleep(self.step_s)
         if self.fail_next_decode:
@@ -197,6 +207,25 @@ def test_faults_stay_with_their_request():
         text, last = generate(s, "a", max_tokens=10)
         assert isinstance(last, Failed) and "fake device failed" in last.message
         assert generate(s, "a", max_tokens=3)[1] == Finished("length", 1, 3)
+    finally:
+        s.stop(10)
+
+
+def test_a_long_prompt_enters_a_chunk_per_decode_dispatch():
+    """A 10-token prompt with chunks of 4 is prefilled in 3 pieces while the running request keeps
+    decoding between them; both requests get their full output."""
+    batch = FakeBatch(slots=2, K=1, chunk=4, step_s=0.005)
+    s = run_scheduler(batch)
+    try:
+        first = threading.Event()
+        got = []
+        s.submit(Params(prompt=[ord("a")], max_tokens=30, temperature=0.0), collect(got, first))
+        wait_until(lambda: s.occupancy()[0] == 1, 10, "the first request to run")
+        batch.calls.clear()
+        assert generate(s, "abcdefghij", max_tokens=3)[1].completion_tokens == 3
+        calls = batch.calls[: batch.calls.index("chunk") + 6]
+        assert calls[calls.index("chunk"):] == ["chunk", "decode", "chunk", "decode", "chunk", "decode"]
+        assert first.wait(10)
     finally:
         s.stop(10)
 
@@ -363,3 +392,13 @@ def test_chat_and_streaming_chunks_follow_the_api(fake_server):
     out = c.chat.completions.create(model="fake", messages=[{"role": "user", "content": [{"type": "text",
                                     "text": "Hi"}]}], max_tokens=3, temperature=0)
     assert out.choices[0].message.content == ";<=" and out.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("flag", ["--slots", "--steps_per_dispatch", "--prefill_chunk"])
+def test_a_count_flag_below_one_is_refused_by_name(flag, capsys):
+    from dsv3_jax.serve.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", "runs/x", flag, "0"])
+    assert f"{flag} must be >= 1" in capsys.readouterr().err
+    assert getattr(parse_args(["--checkpoint", "runs/x", flag, "3"]), flag[2:]) == 3

@@ -188,6 +188,44 @@ def test_bad_requests_leave_the_server_healthy(served):
     assert httpx.get(served.url + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize("n_draft", [0, 1])
+def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
+    """A 150-token prompt entering a 180-slot row in chunks of 48 (starts 0, 48, 96, and 144 capped
+    at T - 48 = 132: the last chunk overlaps the one before; cache prefixes 64, 128, 180, 180) in
+    slot 1 holds the latent cache a whole-prompt prefill writes and gets Engine.generate's greedy
+    tokens, with and without MTP drafts (whose caches are written chunk by chunk)."""
+    import jax
+
+    from dsv3_jax import preset
+    from dsv3_jax.infer import Engine
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    cfg = preset("tiny", vocab_size=128, n_mtp_modules=1, max_seq_len=256, init_std=0.15)
+    model = random_model(cfg, seed=4)
+    prompt = [int(t) for t in np.random.default_rng(4).integers(0, 128, 150)]
+    want = Engine(model).generate([prompt], max_new_tokens=8, speculative=n_draft).tokens[0]
+    batch = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=48)
+    admission, pauses = batch.admit(1, prompt, 8, RowSettings()), 0
+    while True:
+        try:
+            next(admission)
+            pauses += 1
+        except StopIteration as done:
+            got, active = done.value
+            break
+    assert pauses == 3 and len(want) == 8
+    whole = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=256)
+    assert whole.prefill(1, prompt, 8, RowSettings()) == (got, active)
+    for chunked, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+        np.testing.assert_allclose(np.asarray(chunked[:, 1, :150], np.float32),
+                                   np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
+    while active:
+        out = batch.decode(4)
+        got += [t for s in range(int(out.steps)) for t in out.tokens[s, 1, : out.count[s, 1]].tolist()]
+        active = bool(out.active[1])
+    assert got == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, prefill_mesh", [("1,1,8", None), ("1,1,4", "1,1,4")])
 def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir, mesh, prefill_mesh):

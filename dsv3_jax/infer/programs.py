@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -172,6 +173,59 @@ def prefill(model_def: ModelDef, params, prompt, lengths, seq_ids, budget, key, 
     out, remaining, active = _finish(out, budget > 0, budget, eos_id)
     state = DecodeState(cache, tokens, lengths, seq_ids, remaining, active, hidden, q)
     return constrain(state, state_shardings_for(state, mesh)), out
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "chunk", "mesh", "kv_len"), donate_argnums=(2,))
+def prefill_chunk(model_def: ModelDef, params, state: DecodeState, start, budget, key, eos_id, *, n_draft: int,
+                  sampling: RowSampling, chunk: int, mesh: Mesh | None = None,
+                  kv_len: int | None = None) -> tuple[DecodeState, StepOutput]:
+    """Chunked prefill: positions start..start+chunk-1 of the prompts already in state.tokens
+    (`chunk_state`: `length` holds each prompt's length; the cache has the decode batch's T slots).
+
+    Run for start = 0, chunk, 2 chunk, ... while start < length: each chunk writes its latents
+    (the main model's and, with drafting, each MTP module's, whose inputs at position j, the hidden
+    state at j and token j+k, are known for every prompt position) and attends the cache prefix
+    kv_len > start + chunk - 1. The chunk holding position length-1 also samples the first token,
+    stores it at `length` and drafts, so that after it the state equals `prefill`'s (padded to T
+    slots) and the StepOutput is the first token; before it, both are partial and unused. A long
+    prompt thus enters the batch a chunk per scheduler turn instead of stalling every decoding row
+    for its whole prefill."""
+    model = model_def.merge(params)
+    B, length = state.tokens.shape[0], state.length
+    positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (B, chunk))
+    toks = jax.lax.dynamic_slice_in_dim(state.tokens, start, chunk, axis=1)
+    h, cache = model.forward_cached(toks, positions, state.cache, form="expanded", kv_len=kv_len)
+    final = (length > start) & (length <= start + chunk)  # [B] this chunk holds position length-1
+    h_last = jnp.take_along_axis(h, jnp.clip(length - 1 - start, 0, chunk - 1)[:, None, None], axis=1)
+    first = sample(model.logits(h_last)[:, 0], token_keys(key, state.seq_id, length, TARGET), sampling)
+    rows = jnp.arange(B)
+    tokens = state.tokens.at[rows, jnp.where(final, length, state.tokens.shape[1])].set(first, mode="drop")
+    hidden, q = state.hidden, state.draft_probs
+    if n_draft:
+        hn = model.norm(h)
+        hidden = _write_ring(hidden, positions, hn, length - ring_size(n_draft), length)
+        cache, drafted, q_new = draft(model, cache, tokens, hn, positions, length, state.seq_id, key, sampling,
+                                      form="expanded", kv_len=kv_len)
+        tokens = jnp.where(final[:, None], drafted, tokens)
+        q = jnp.where(final[:, None, None], q_new, q)
+    out = StepOutput(first[:, None], jnp.ones_like(length), jnp.zeros_like(length), budget > 0)
+    out, remaining, active = _finish(out, budget > 0, budget, eos_id)
+    new = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
+    return constrain(new, state_shardings_for(new, mesh)), out
+
+
+def chunk_state(cfg, prompts: list[list[int]], seq_ids, max_len: int, *, n_draft: int, cache_dtype,
+                mesh: Mesh | None = None) -> DecodeState:
+    """The state `prefill_chunk` fills: an empty T = max_len-slot batch with the prompts in their
+    token buffers and their lengths (rows inactive until their last chunk)."""
+    state = empty_state(cfg, len(prompts), max_len, n_draft=n_draft, cache_dtype=cache_dtype,
+                        hidden_dtype=jnp.dtype(cfg.dtype))
+    buf = np.zeros(state.tokens.shape, np.int32)
+    for r, p in enumerate(prompts):
+        buf[r, : len(p)] = p
+    state = dataclasses.replace(state, tokens=jnp.asarray(buf), length=jnp.asarray([len(p) for p in prompts], jnp.int32),
+                                seq_id=jnp.asarray(seq_ids, jnp.int32))
+    return state if mesh is None else jax.device_put(state, state_shardings_for(state, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))

@@ -50,16 +50,18 @@ class RowSettings:
 
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
-                 cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, seed: int = 0):
+                 cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, prefill_chunk: int = 512, seed: int = 0):
         """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
-        prefilled row's latent cache moves to `mesh` before its insert), default `mesh`."""
+        prefilled row's latent cache moves to `mesh` before its insert), default `mesh`.
+        prefill_chunk: prompts longer than this enter in chunks of it (`admit`)."""
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
         # The model as infer's Engine holds it: layers unstacked, parameters placed on each mesh.
         self.engine = Engine(model, cache_dtype=cache_dtype, prefill_mesh=mesh if prefill_mesh is None else prefill_mesh,
                              decode_mesh=mesh)
-        self.buckets = prompt_buckets(self.context)
+        self.chunk = prefill_chunk
+        self.buckets = prompt_buckets(min(self.context, prefill_chunk))
         self.key = jax.random.key(seed)
         self.rs = SamplingConfig().rows(slots)  # numpy, edited in place as requests come and go
         self.eos = np.full(slots, -1, np.int32)
@@ -95,19 +97,56 @@ class DecodeBatch:
         return next(b for b in self.buckets if b >= n)
 
     def prefill(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> tuple[list[int], bool]:
-        """Prefill one prompt into `slot` -> (its first tokens, whether it is still generating)."""
+        """Prefill one prompt into `slot` all at once -> (its first tokens, whether it is still generating)."""
+        admission = self.admit(slot, prompt, budget, row)
+        while True:
+            try:
+                next(admission)
+            except StopIteration as done:
+                return done.value
+
+    def admit(self, slot: int, prompt: list[int], budget: int, row: RowSettings):
+        """Prefill one prompt into `slot`: a generator that pauses between the chunks of a prompt
+        longer than `chunk` (the scheduler runs a decode dispatch in each pause, so a long prompt
+        never stalls the decoding rows for more than one chunk) and returns (its first tokens,
+        whether it is still generating). A short prompt is one `prefill` of its bucket."""
+        if len(prompt) > self.chunk:
+            rows, first = yield from self._chunks(prompt, budget, row)
+            return self._insert(slot, rows, first, len(prompt), row)
         S = self.bucket(len(prompt))
         tok = np.zeros((1, S), np.int32)
         tok[0, : len(prompt)] = prompt
         rows, first = self.engine.prefill(tok, np.int32([len(prompt)]), np.int32([row.seq_id]), np.int32([budget]),
                                           self.key, np.int32([row.eos_id]), n_draft=self.n_draft,
                                           sampling=row.sampling.rows(1))
+        return self._insert(slot, rows, first, len(prompt), row)
+
+    def _chunks(self, prompt: list[int], budget: int, row: RowSettings):
+        """`infer.programs.prefill_chunk` over the prompt, a pause after each chunk but the last ->
+        (the row's state, its first token). The last chunk ends at the prompt's end or at T."""
+        e, C, T = self.engine, self.chunk, self.max_len
+        state = infer_programs.chunk_state(self.cfg, [prompt], [row.seq_id], T, n_draft=self.n_draft,
+                                           cache_dtype=self.cache_dtype, mesh=e.prefill_mesh)
+        starts = [min(s, T - C) for s in range(0, len(prompt), C)]
+        for i, start in enumerate(starts):
+            with infer_programs.on_mesh(e.prefill_mesh):
+                state, first = infer_programs.prefill_chunk(
+                    e.model_def, e.prefill_params, state, np.int32(start), np.int32([budget]), self.key,
+                    np.int32([row.eos_id]), n_draft=self.n_draft, sampling=row.sampling.rows(1), chunk=C,
+                    mesh=e.prefill_mesh, kv_len=infer_programs.kv_len_for(start + C, T))
+            if i < len(starts) - 1:
+                yield
+        if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
+            state = jax.device_put(state, infer_programs.state_shardings_for(state, e.decode_mesh))
+        return state, first
+
+    def _insert(self, slot: int, rows, first, prompt_len: int, row: RowSettings) -> tuple[list[int], bool]:
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
         if active:
             self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
             self.rs.set_row(slot, row.sampling)
             self.eos[slot], self.keep[slot] = row.eos_id, True
-            self.active[slot], self.length[slot] = True, len(prompt)
+            self.active[slot], self.length[slot] = True, prompt_len
         return tokens[0, : count[0]].tolist(), active
 
     def free(self, slot: int) -> None:
@@ -139,12 +178,16 @@ class DecodeBatch:
     def warmup(self) -> None:
         """Compile every program the server will run: a prefill and an insert per bucket and the
         decode loop (with a sampled row, so both sides of every `lax.cond` run once)."""
+        sampled = RowSettings(SamplingConfig(1.0, top_k=2, top_p=0.5))
         for S in self.buckets:
-            self.prefill(0, [0] * min(S, self.context - 1), 2, RowSettings(SamplingConfig(1.0, top_k=2, top_p=0.5)))
+            self.prefill(0, [0] * min(S, self.context - 1), 2, sampled)
+        if self.context - 1 > self.chunk:  # every chunk's cache prefix
+            self.prefill(0, [0] * (self.context - 1), 2, sampled)
         for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
         self.free(0)
         self.active[:] = False
 
     def compiled_programs(self) -> int:
-        return sum(f._cache_size() for f in (infer_programs.prefill, programs.decode, infer_programs.insert))
+        return sum(f._cache_size() for f in (infer_programs.prefill, infer_programs.prefill_chunk, programs.decode,
+                                             infer_programs.insert))

@@ -41,12 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests that may wait for a slot; beyond that, 429")
     p.add_argument("--steps_per_dispatch", type=int, default=4,
                    help="decode steps per device dispatch (streaming granularity; a waiting request joins between dispatches)")
+    p.add_argument("--prefill_chunk", type=int, default=512,
+                   help="a longer prompt is prefilled this many tokens per scheduler turn, a decode dispatch "
+                        "between chunks (so it never stalls the running requests for its whole prefill)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
-    for name in ("slots", "steps_per_dispatch"):
+    for name in ("slots", "steps_per_dispatch", "prefill_chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.max_queue < 0:
@@ -77,7 +80,7 @@ def start_batch(args):
         raise ConfigError(f"--max_len {max_len}: too small to hold a prompt and a token")
     batch = DecodeBatch(model, slots=args.slots, max_len=max_len, n_draft=n_draft,
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
-                        mesh=mesh, prefill_mesh=prefill_mesh, seed=args.seed)
+                        mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk, seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s", time.perf_counter() - t0,
              len(batch.buckets), batch.buckets, args.slots, max_len, f"MTP with {n_draft} draft(s)" if n_draft

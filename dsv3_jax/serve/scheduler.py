@@ -11,7 +11,8 @@ request's `sink`, a callable the HTTP side provides (it hands events to its asyn
 The loop, once the model is loaded and every program compiled (`ready`):
   1. take new requests from the inbox; drop cancelled ones, free the slots of cancelled running ones;
   2. while a request waits and a slot is free: prefill it alone and insert it into the slot
-     (its first token streams out at once);
+     (its first token streams out at once); a prompt longer than `--prefill_chunk` is prefilled
+     a chunk per iteration, so it stalls the decoding rows for one chunk at a time;
   3. if any slot is busy, run one decode dispatch: K steps on the device (`--steps_per_dispatch`,
      the streaming granularity and the most steps a waiting request waits for a freed slot), over
      the smallest cache prefix that holds them; then hand each request its tokens, and retire
@@ -115,6 +116,8 @@ class Scheduler:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._free: list[int] = []
+        # a long prompt entering its slot chunk by chunk: (request, slot, DecodeBatch.admit generator, budget)
+        self._filling: tuple | None = None
         self._lock = threading.Lock()
         self._outstanding = 0  # submitted and not finished
         self._stopping = False
@@ -175,8 +178,9 @@ class Scheduler:
             return
         self.ready.set()
         self._update_gauges()
-        while not (self._stopping and not self._running and not self._waiting and self._inbox.empty()):
-            self._collect(block=not self._running and not self._waiting)
+        while not (self._stopping and not self._running and not self._waiting and self._filling is None
+                   and self._inbox.empty()):
+            self._collect(block=not self._running and not self._waiting and self._filling is None)
             self._admit()
             if self._running:
                 self._decode()
@@ -198,10 +202,18 @@ class Scheduler:
         for slot, req in list(self._running.items()):
             if req.cancelled:
                 self._retire(req, slot, "abort")
+        if self._filling is not None and self._filling[0].cancelled:
+            req, slot, admission, _ = self._filling
+            admission.close()
+            self._filling = None
+            self._free.append(slot)
+            self._retire(req, None, "abort")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, oldest first."""
-        while self._waiting and self._free:
+        """Prefill waiting requests into free slots, oldest first; a long prompt one chunk per call."""
+        if self._filling is not None:
+            self._advance()
+        while self._waiting and self._free and self._filling is None:
             req = self._waiting.popleft()
             slot = self._free.pop()
             p = req.params
@@ -211,18 +223,34 @@ class Scheduler:
                               eos_id=-1 if p.ignore_eos else self.tokenizer.eos_id)
             try:
                 req.text = TextStream(self.tokenizer, p.stop)
-                first, active = self.batch.prefill(slot, p.prompt, budget, row)
             except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
                 self._free.append(slot)
                 self._fail(req, e)
-                if self.batch.state_lost():  # it failed inside insert, which consumed the batch
-                    self._reset(e)
                 continue
-            req.budget = budget
-            self._running[slot] = req
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(p.prompt))
-            self._deliver(req, slot, first, time.perf_counter(), still_active=active)
+            self._filling = (req, slot, self.batch.admit(slot, p.prompt, budget, row), budget)
+            self._advance()
+
+    def _advance(self) -> None:
+        """The next chunk of the admission in progress; once its last is done the request runs."""
+        req, slot, admission, budget = self._filling
+        try:
+            next(admission)
+            return  # more chunks: a decode dispatch runs first
+        except StopIteration as done:
+            first, active = done.value
+        except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+            self._filling = None
+            self._free.append(slot)
+            self._fail(req, e)
+            if self.batch.state_lost():  # it failed inside insert, which consumed the batch
+                self._reset(e)
+            return
+        self._filling = None
+        req.budget = budget
+        self._running[slot] = req
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(req.params.prompt))
+        self._deliver(req, slot, first, time.perf_counter(), still_active=active)
 
     def _decode(self) -> None:
         try:
@@ -316,6 +344,10 @@ class Scheduler:
         for slot, req in list(self._running.items()):
             del self._running[slot]
             self._fail(req, e)
+        if self._filling is not None:  # its prefill has its own state, but its slot is in the lost batch
+            self._filling[2].close()
+            self._fail(self._filling[0], e)
+            self._filling = None
         self._free = list(range(self.batch.slots))[::-1]
         self.batch.reset()
 
