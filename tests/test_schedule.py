@@ -215,23 +215,6 @@ def test_peak_live(N):
         assert S.bubble(S.build("gpipe", N, M))["peak_live"] == M
 
 
-@pytest.mark.parametrize("name,N,M", [("1f1b", 1, 3), ("1f1b", 4, 3), ("1f1b", 4, 11), ("gpipe", 3, 5),
-                                      ("dualpipev", 1, 2), ("dualpipev", 3, 6), ("dualpipev", 5, 13)])
-def test_ring_is_minimal_and_sufficient(name, N, M):
-    s = S.build(name, N, M)
-    S.validate(s)  # validate checks that no two live micro-batches of a buffer share a slot
-    if s.ring > 1:
-        with pytest.raises(ValueError, match=f"ring={s.ring - 1} too small"):
-            S.validate(dataclasses.replace(s, ring=s.ring - 1))
-    expect = {"gpipe": 1, "1f1b": min(M, 2 * N - 1), "dualpipev": min(M, 2 * N)}[name]
-    assert s.ring == expect  # 1f1b: pipeline.py's ring of 2P-1
-    inputs, grads = S._live(s)  # sufficient: at every tick each buffer's live m are distinct mod ring
-    for live in (inputs, grads):
-        for idx in np.ndindex(live.shape[:3]):
-            m = np.nonzero(live[idx])[0]
-            assert len(set(m % s.ring)) == len(m)
-
-
 def test_bad_input():
     for args, match in [(("zb", 2, 4), "'zb'.*expected one of"), (("1f1b", 0, 4), "ranks=0.*>= 1"),
                         (("1f1b", 2, 0), "microbatches=0.*>= 1"), (("gpipe", 2.0, 4), "ranks=2.0"),

@@ -63,7 +63,6 @@ class Schedule:
     b: np.ndarray        # [Tk, N, 2] backward (input gradient, and the weight gradient unless split)
     b_split: np.ndarray  # [Tk, N] bool: this tick's backward defers its weight gradient to a later W
     w: np.ndarray        # [Tk, N, 2] deferred weight-gradient op
-    ring: int            # buffer slots per (rank, chunk): live micro-batches have distinct m % ring
 
     @property
     def stages(self) -> int:
@@ -99,8 +98,7 @@ def build(name: str, ranks: int, microbatches: int) -> Schedule:
         ops = [(m + s, "F", s, 0, m, False) for s in range(N) for m in range(M)]
         if name == "1f1b":
             ops += [(m + 2 * N - 2 - s, "B", s, 0, m, False) for s in range(N) for m in range(M)]
-    s = _tables(name, N, 2 if name == "dualpipev" else 1, M, ops)
-    return dataclasses.replace(s, ring=_min_ring(s))
+    return _tables(name, N, 2 if name == "dualpipev" else 1, M, ops)
 
 
 def _check(name, ranks, microbatches):
@@ -115,7 +113,7 @@ def _check(name, ranks, microbatches):
 
 
 def _tables(name, N, chunks, M, ops) -> Schedule:
-    """ops [(tick, kind, rank, chunk, m, split)] -> a Schedule (ring 0: the caller fills it in)."""
+    """ops [(tick, kind, rank, chunk, m, split)] -> a Schedule."""
     Tk = 1 + max(op[0] for op in ops)
     f, b, w = (np.full((Tk, N, 2), -1, np.int32) for _ in range(3))
     split = np.zeros((Tk, N), bool)
@@ -123,7 +121,7 @@ def _tables(name, N, chunks, M, ops) -> Schedule:
         {"F": f, "B": b, "W": w}[kind][t, r] = (c, m)
         if kind == "B":
             split[t, r] = sp
-    return Schedule(name, N, chunks, M, f, b, split, w, ring=0)
+    return Schedule(name, N, chunks, M, f, b, split, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +256,6 @@ def validate(s: Schedule) -> None:
                 if (kind, st, m) not in done:
                     r, c = s.rank_chunk(st)
                     raise ValueError(f"{s.name}: rank {r}, {kind}(chunk {c}, m {m}) of stage {st} is missing")
-    _check_ring(s)
 
 
 def _check_shapes(s: Schedule):
@@ -283,7 +280,7 @@ def _check_shapes(s: Schedule):
 
 
 # ---------------------------------------------------------------------------------------------
-# Buffers: what the executor keeps per (rank, chunk) between ticks.
+# Live stage inputs: what a rank holds between ticks (activation memory).
 def _ticks(s: Schedule):
     """-> tF, tB, tW [S, M] tick maps (-1: none) and split [S, M] bool, read off the tables."""
     tF, tB, tW = (np.full((s.stages, s.microbatches), -1) for _ in range(3))
@@ -298,52 +295,23 @@ def _ticks(s: Schedule):
     return tF, tB, tW, split
 
 
-def _live(s: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """-> inputs, grads [N, chunks, Tk, M] bool: micro-batch m held in a (rank, chunk) buffer at a tick.
+def _live(s: Schedule) -> np.ndarray:
+    """-> [N, chunks, Tk, M] bool: stage input m held by a (rank, chunk) at a tick.
 
     A stage input is live from its arrival (the tick after F(s-1, m), or its own F tick on stage 0)
     to its release (its B tick, the W tick when split; gpipe: its F tick, autodiff keeps the rest).
-    An output gradient is live from the tick after B(s+1, m) to the same release. Both ends count:
-    an arrival is written at the start of its tick, the release reads at its tick.
+    Both ends count: an arrival is written at the start of its tick, the release reads at its tick.
     """
     tF, tB, tW, split = _ticks(s)
     S, (N, M, Tk) = s.stages, (s.ranks, s.microbatches, s.ticks)
     release = np.where(split, tW, tB) if s.name != "gpipe" else tF
     arrive = np.concatenate([tF[:1], tF[:-1] + 1])
-    arrive_g = np.concatenate([tB[1:] + 1, np.full((1, M), -1)])  # the last stage's gradient is the loss's
     t = np.arange(Tk)[:, None]
-    inputs, grads = (np.zeros((N, s.chunks, Tk, M), bool) for _ in range(2))
+    inputs = np.zeros((N, s.chunks, Tk, M), bool)
     for st in range(S):
         r, c = s.rank_chunk(st)
         inputs[r, c] = (arrive[st] <= t) & (t <= release[st])
-        if st < S - 1 and s.name != "gpipe":
-            grads[r, c] = (arrive_g[st] <= t) & (t <= release[st])
-    return inputs, grads
-
-
-def _collisions(live: np.ndarray, R: int) -> np.ndarray:
-    """live [..., Tk, M] -> [..., Tk, R]: how many live micro-batches share each slot m % R."""
-    onehot = np.arange(live.shape[-1])[:, None] % R == np.arange(R)[None]
-    return live.astype(np.int32) @ onehot.astype(np.int32)
-
-
-def _min_ring(s: Schedule) -> int:
-    live = np.concatenate(_live(s))
-    for R in range(max(1, int(live.sum(-1).max())), s.microbatches + 1):  # R >= the most live at once
-        if _collisions(live, R).max() <= 1:
-            return R
-    return s.microbatches
-
-
-def _check_ring(s: Schedule):
-    if s.ring < 1:
-        raise ValueError(f"{s.name}: ring={s.ring}: expected >= 1")
-    for what, live in zip(("input", "gradient"), _live(s)):
-        hits = np.argwhere(_collisions(live, s.ring) > 1)
-        if len(hits):
-            r, c, t, slot = hits[0]
-            raise ValueError(f"{s.name}: tick {t}, rank {r}, chunk {c}: ring={s.ring} too small, two live "
-                             f"{what}s share slot {slot}")
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +326,7 @@ def bubble(s: Schedule, F: float = 1.0, B: float = 2.0, W: float = 1.0) -> dict:
         cost = has_f * F + has_b * np.where(s.b_split, B - W, B) + has_w * W  # [Tk, N]
     makespan = float(cost.max(axis=1).sum())
     busy = float(cost.sum(axis=0).mean())
-    inputs, _ = _live(s)
+    inputs = _live(s)
     peak = s.microbatches if s.name == "gpipe" else int(inputs.sum(axis=(1, 3)).max())
     return {"makespan": makespan, "busy": busy, "bubble_time": makespan - busy,
             "bubble_fraction": (makespan - busy) / makespan if makespan else 0.0, "peak_live": peak}
