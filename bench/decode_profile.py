@@ -1,0 +1,88 @@
+"""Where a decode step spends its time: the step timed alone, then a `jax.profiler` trace of it with
+the XLA ops that take the most time per step.
+
+The model, prompts and engine are bench/decode.py's (10.5M parameters, float32, moe_impl tiled,
+layers unstacked, bf16 latent cache). --draft 1 profiles the MTP speculative step (verification
+of one draft plus the next draft).
+
+    python bench/decode_profile.py                       # batch 1, plain step
+    python bench/decode_profile.py --draft 1 --batch 8 --top 30
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsv3_jax.infer import Engine, programs  # noqa: E402
+from dsv3_jax.infer.engine import _Run  # noqa: E402
+from dsv3_jax.infer.sampling import SamplingConfig  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128, help="prompt tokens already in the cache")
+    p.add_argument("--draft", type=int, default=0, choices=[0, 1])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(__file__))
+    import decode as bench  # bench/decode.py: the model
+
+    model = bench.bench_model(bench.BENCH.replace(moe_impl="tiled"), 0.08)
+    engine, B, A = Engine(model), args.batch, args.draft
+    prompts = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (B, args.context)).tolist()
+    T = args.context + 4 * args.steps * (A + 1) + 64
+    run = _Run(engine, prompts, [T] * B, args.context, T, jax.random.key(0), np.int32(-1), A, SamplingConfig(), None)
+    state, rows = run.prefill(list(range(B)), B), SamplingConfig().rows(B)
+    kv_len = programs.kv_len_for(args.context + 2 * args.steps * (A + 1) + 2, T)
+
+    def steps(n):
+        nonlocal state
+        for _ in range(n):
+            state, out = programs.step(engine.model_def, engine.decode_params, state, run.key, run.eos, n_draft=A,
+                                       sampling=rows, kv_len=kv_len)
+            jax.block_until_ready(out)
+
+    steps(3)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        steps(1)
+        times.append(time.perf_counter() - t)
+    print(f"batch {B}, context {args.context}, draft {A}: step {1e3 * np.median(times):.2f} ms median "
+          f"(p10 {1e3 * np.percentile(times, 10):.2f}), load average {os.getloadavg()[0]:.1f}")
+    trace_dir = tempfile.mkdtemp(prefix="dsv3_decode_profile_")
+    with jax.profiler.trace(trace_dir):
+        steps(args.steps // 2)
+    per_step = collections.Counter()
+    for path in glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True):
+        for ev in json.load(gzip.open(path))["traceEvents"]:
+            name = ev.get("name", "")
+            if ev.get("ph") == "X" and ev.get("args", {}).get("hlo_op") == name:  # the program's ops only
+                per_step[name] += ev.get("dur", 0) / (args.steps // 2)
+    hlo = programs.step.lower(engine.model_def, engine.decode_params, state, run.key, run.eos, n_draft=A,
+                              sampling=rows, kv_len=kv_len).compile().as_text()
+    source = {}  # op -> its result shape and the jax operation it came from
+    for m in re.finditer(r'%([\w.\-]+) = (\S+) [^\n]*', hlo):
+        op_name = re.search(r'op_name="([^"]*)"', m.group(0))
+        source[m.group(1)] = f"{m.group(2)[:40]} {op_name.group(1)[-60:] if op_name else ''}"
+    print("\n| XLA op | us per step | result, from |\n|---|---|---|")
+    for name, us in per_step.most_common(args.top):
+        print(f"| {name} | {us:.1f} | {source.get(name, '')} |")
+
+
+if __name__ == "__main__":
+    main()
