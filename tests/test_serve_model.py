@@ -193,7 +193,8 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     """A 150-token prompt entering a 180-slot row in chunks of 48 (starts 0, 48, 96, and 144 capped
     at T - 48 = 132: the last chunk overlaps the one before; cache prefixes 64, 128, 180, 180) in
     slot 1 holds the latent cache a whole-prompt prefill writes and gets Engine.generate's greedy
-    tokens, with and without MTP drafts (whose caches are written chunk by chunk)."""
+    tokens, with and without MTP drafts (whose caches are written chunk by chunk); after
+    warmup, admitting it compiles nothing."""
     import jax
 
     from dsv3_jax import preset
@@ -205,6 +206,9 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     prompt = [int(t) for t in np.random.default_rng(4).integers(0, 128, 150)]
     want = Engine(model).generate([prompt], max_new_tokens=8, speculative=n_draft).tokens[0]
     batch = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=48)
+    if n_draft == 0:  # (once: warmup takes a while)
+        batch.warmup()
+    compiled = batch.compiled_programs()
     admission, pauses = batch.admit(1, prompt, 8, RowSettings()), 0
     while True:
         try:
@@ -214,16 +218,19 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
             got, active = done.value
             break
     assert pauses == 3 and len(want) == 8
-    whole = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=256)
-    assert whole.prefill(1, prompt, 8, RowSettings()) == (got, active)
-    for chunked, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
-        np.testing.assert_allclose(np.asarray(chunked[:, 1, :150], np.float32),
-                                   np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
+    first = (list(got), active)
     while active:
         out = batch.decode(4)
         got += [t for s in range(int(out.steps)) for t in out.tokens[s, 1, : out.count[s, 1]].tolist()]
         active = bool(out.active[1])
     assert got == want
+    if n_draft == 0:
+        assert batch.compiled_programs() == compiled  # warmup compiled every chunk's program
+    whole = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=256)
+    assert whole.prefill(1, prompt, 8, RowSettings()) == first
+    for chunked, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+        np.testing.assert_allclose(np.asarray(chunked[:, 1, :150], np.float32),  # decoding wrote slots 150+
+                                   np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
 
 
 @pytest.mark.slow

@@ -6,16 +6,19 @@ Slot i is row i of every array of the decode `DecodeState`: its latent cache row
 `cache.layers[*].c_kv[:, i]` (T slots, one per position), its token buffer, length, budget and
 `active` flag, and row i of the per-row sampling settings and EOS id kept here on the host. A
 request is prefilled alone by `infer.programs.prefill` (a batch of one, its prompt right-padded to
-the smallest bucket S = 16, 32, 64, ... that holds it) and `infer.programs.insert` copies the
-result into its slot (with `--prefill_mesh`, prefill runs on its own devices and the row's latent
-cache moves to the decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs up to K of infer's steps per dispatch;
-when it leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies.
-The slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
+the smallest bucket S = 16, 32, 64, ... that holds it; a prompt longer than `prefill_chunk` is
+written chunk by chunk into a T-slot row of its own by `infer.programs.prefill_chunk`, a decode
+dispatch between chunks: `admit`) and `infer.programs.insert` copies the result into its slot
+(with `--prefill_mesh`, prefill runs on its own devices and the row's latent cache moves to the
+decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs K of infer's steps per
+dispatch over the smallest cache prefix (64, 128, ... T slots) that the rows fill; when a request
+leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies. The
+slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
 
-Every shape is fixed at start-up (Bd, T, the buckets, K steps per dispatch), so `warmup` compiles
-every program once and nothing compiles while serving; `compiled_programs` counts them so that a
-test (and /metrics) can see it stays so.
+Every shape is fixed at start-up (Bd, T, the prompt and cache buckets, the chunk, K steps per
+dispatch), so `warmup` compiles every program once and nothing compiles while serving;
+`compiled_programs` counts them so that a test (and /metrics) can see it stays so.
 """
 
 from __future__ import annotations
