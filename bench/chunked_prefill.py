@@ -11,6 +11,8 @@ requests receive (timestamps of their deltas, one per dispatch):
   TTFT       the long request's time to first token
 
 Each setting runs --rounds times, alternating, in one process (same load); the median is printed.
+First, for scale, what one admission costs against a decode step: `DecodeBatch.prefill` of a short
+prompt (16, 64, 128 tokens) and a decode dispatch of 8 busy rows, per step (medians of 10).
 The model is bench/decode.py's (10.5M parameters, float32, latent cache bf16), 8 slots, 4 steps
 per dispatch.
 
@@ -31,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv3_jax.serve.batch import DecodeBatch  # noqa: E402
+from dsv3_jax.serve.batch import DecodeBatch, RowSettings  # noqa: E402
 from dsv3_jax.serve.metrics import Metrics  # noqa: E402
 from dsv3_jax.serve.scheduler import Delta, Failed, Finished, Params, Scheduler  # noqa: E402
 from dsv3_jax.tokenizer import train_tokenizer  # noqa: E402
@@ -81,6 +83,30 @@ def one_round(scheduler: Scheduler, vocab: int, long_len: int, rng) -> dict:
     return {"dispatch": float(np.median(before)), "stall": max(during), "ttft": t_first - t_arrive}
 
 
+def admission_costs(batch: DecodeBatch, vocab: int, rng) -> None:
+    """One admission (prefill + insert, the first token read back) per prompt length, against a
+    decode step of every slot busy."""
+    row = RowSettings(eos_id=-1)
+    for slot in range(batch.slots):
+        batch.prefill(slot, rng.integers(3, vocab, SHORT_PROMPT).tolist(), SHORT_OUT, row)
+
+    def median_s(fn, n=10):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    step = median_s(lambda: batch.decode(batch.K)) / batch.K
+    print(f"decode step, {batch.slots} rows: {1e3 * step:.1f} ms")
+    for n in (16, 64, 128):
+        t = median_s(lambda: batch.prefill(0, rng.integers(3, vocab, n).tolist(), SHORT_OUT, row))
+        print(f"admission of a {n}-token prompt: {1e3 * t:.1f} ms = {t / step:.1f} decode steps")
+    for slot in range(batch.slots):
+        batch.free(slot)
+
+
 def start(model, tok, chunk: int, max_len: int) -> Scheduler:
     def build():
         return DecodeBatch(model, slots=RUNNING + 1, max_len=max_len, n_draft=0, steps_per_dispatch=4,
@@ -110,8 +136,9 @@ def main() -> None:
     schedulers = {c: start(model, tok, c, max_len) for c in settings}
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; prompt {args.long} arriving beside {RUNNING} decoding "
           f"requests; compiled in {time.perf_counter() - t:.0f} s", flush=True)
-    results = {c: [] for c in settings}
     rng = np.random.default_rng(0)
+    admission_costs(schedulers[max_len].batch, cfg.vocab_size, rng)  # the scheduler is idle: no requests
+    results = {c: [] for c in settings}
     for r in range(args.rounds):
         for c in settings:
             results[c].append(one_round(schedulers[c], cfg.vocab_size, args.long, rng))
