@@ -22,7 +22,10 @@ Each system runs --repeats times per rate, alternating with the other, and the r
 higher throughput is reported (on a shared machine the slower runs are the disturbed ones); the
 1-minute load average at the end of that run is printed beside it.
 Throughput = output tokens of all requests / (last token of any request - first arrival). Rates
-are requests per second; "inf" sends every request at t = 0 (the saturated server). Compilation
+are requests per second; "inf" sends every request at t = 0 (the saturated server). For rate inf
+the script also prints the workload's own ceiling: the ratio of decode steps static batches and
+continuous slots need for the same requests (`step_ceiling`; 1.77x for 32 requests, 2.17x for 128:
+a short run is mostly its ramp-down). Compilation
 happens before the clock starts (every prompt bucket of both systems).
 
 The model is bench/decode.py's (10.5M parameters, 4 layers, dim 256, 16 experts top-4, vocab
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import importlib.util
 import os
 import sys
@@ -202,6 +206,22 @@ def main() -> None:
             rows += [(rate, name, n_draft, best[name]) for name in ("static", "continuous")]
         scheduler.stop(30)
     report(rows)
+    if "inf" in args.rates:
+        print(f"this workload's ceiling at rate inf (decode steps, static / continuous): "
+              f"{step_ceiling(workload(args.requests, np.inf, cfg.vocab_size, args.seed), args.slots):.2f}x")
+
+
+def step_ceiling(jobs: list[Job], slots: int) -> float:
+    """Static / continuous decode steps for requests that all arrive at once: a static batch of
+    `slots` runs as many steps as its longest request; a continuous slot takes the next request the
+    step its last one ends. The throughput ratio the scheduling alone can give on this workload
+    (one token per step; prefill not counted)."""
+    outs = [j.out for j in jobs]
+    static = sum(max(outs[i: i + slots]) for i in range(0, len(outs), slots))
+    ends = [0] * slots
+    for out in outs:
+        heapq.heappush(ends, heapq.heappop(ends) + out)
+    return static / max(ends)
 
 
 def report(rows) -> None:
