@@ -1,8 +1,8 @@
 """Where a decode step spends its time: the step timed alone, then a `jax.profiler` trace of it with
 the XLA ops that take the most time per step.
 
-The model, prompts and engine are bench/decode.py's (10.5M parameters, float32, moe_impl tiled,
-layers unstacked, bf16 latent cache). --draft 1 profiles the MTP speculative step (verification
+The model, prompts and engine are bench/decode.py's (10.5M parameters, float32, layers unstacked,
+bf16 latent cache; --moe_impl tiled, the fast form on XLA:CPU, or ragged for GPUs). --draft 1 profiles the MTP speculative step (verification
 of one draft plus the next draft).
 
     python bench/decode_profile.py                       # batch 1, plain step
@@ -37,11 +37,12 @@ def main():
     p.add_argument("--draft", type=int, default=0, choices=[0, 1])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--moe_impl", choices=["tiled", "ragged", "dense"], default="tiled")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
     import decode as bench  # bench/decode.py: the model
 
-    model = bench.bench_model(bench.BENCH.replace(moe_impl="tiled"), 0.08)
+    model = bench.bench_model(bench.BENCH.replace(moe_impl=args.moe_impl), 0.08)
     engine, B, A = Engine(model), args.batch, args.draft
     prompts = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (B, args.context)).tolist()
     T = args.context + 4 * args.steps * (A + 1) + 64

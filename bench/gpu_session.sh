@@ -5,12 +5,15 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     -d .whl gin-config==0.5.0 grain==0.2.18 array_record==0.8.6 tensorboardX==2.6.5 portpicker
+#   (and tokamax with its pure-Python dependencies for the attention step: `pip download tokamax`)
 # Logs go to $OUT (or ./gpu_logs). Usage: bash bench/gpu_session.sh STEP...
 #   env      versions and the GPU
 #   tests    the fp8 kernel tests compiled for the GPU (-m gpu)
 #   bench    bench/fp8_matmul.py at DeepSeek's shapes
 #   sweep    both Mosaic kernels' tuning sweep at 4096x7168x16384
 #   train N  bench/fp8_training.py, small preset, N steps
+#   attention  bench/attention_tflops.py: tokamax / cuDNN / blockwise TFLOP/s at V3's head dims (ATTN_ARGS)
+#   decode   bench/decode.py without HF (tokens/s, MTP speedup) and bench/decode_profile.py's op table
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -40,6 +43,14 @@ while [ $# -gt 0 ]; do
       n=$1; shift
       timeout 480 python3 bench/fp8_training.py --preset small --steps "$n" --batch 16 --seq 256 --fp8-kernels "${FP8_KERNELS:-auto}" --bf16-runs "${BF16_RUNS:-1}" \
         --plot "$OUT/fp8_training_small.png" 2>&1 | tee "$OUT/train.log" | grep -v "^I0000" | tail -30 ;;
+    attention)
+      timeout 300 python3 bench/attention_tflops.py ${ATTN_ARGS:---impls tokamax cudnn blockwise --seq 4096 8192 --heads 128} \
+        2>&1 | tee "$OUT/attention.log" ;;
+    decode)
+      timeout 300 python3 bench/decode.py --no_hf --moe_impl "${MOE_IMPL:-ragged}" 2>&1 | tee "$OUT/decode.log"
+      for d in 0 1; do
+        timeout 120 python3 bench/decode_profile.py --draft $d --top 12 2>&1 | tee -a "$OUT/decode_profile.log"
+      done ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
