@@ -109,50 +109,76 @@ def _down(a, b, w2):
     return jnp.einsum("mf,df->md", h, w2, preferred_element_type=jnp.float32).astype(h.dtype)
 
 
-def _tiled_swiglu_fwd(buf, w1, w2, w3, tile_expert, n_used):
-    T, M, _ = buf.shape
+def _tile_rows_of(copy, gates):
+    """copy [T,M] (the token copy n K + k in each tile row; N K on padding) -> token [T,M] (N on
+    padding: out of range) and gate [T,M] f32 (0 on padding) of each row."""
+    K = gates.shape[1]
+    return copy // K, gates.reshape(-1).at[copy].get(mode="fill", fill_value=0)
+
+
+def _tiled_fwd(x, gates, w1, w2, w3, copy, tile_expert, n_used):
+    token, gate = _tile_rows_of(copy, gates)
+    T, M = copy.shape
 
     def body(t, carry):
-        y, a, b = carry
+        out, a, b = carry
         e = tile_expert[t]
-        a_t, b_t = _up(buf[t], w1[e], w3[e])
-        return y.at[t].set(_down(a_t, b_t, w2[e])), a.at[t].set(a_t), b.at[t].set(b_t)
+        a_t, b_t = _up(x.at[token[t]].get(mode="fill", fill_value=0), w1[e], w3[e])
+        y = _down(a_t, b_t, w2[e]).astype(jnp.float32) * gate[t][:, None]
+        return out.at[token[t]].add(y, mode="drop"), a.at[t].set(a_t), b.at[t].set(b_t)
 
-    zeros = lambda n: jnp.zeros((T, M, n), buf.dtype)  # noqa: E731
-    y, a, b = jax.lax.fori_loop(0, n_used, body, (zeros(w2.shape[1]), zeros(w1.shape[1]), zeros(w1.shape[1])))
-    return y, (buf, a, b, w1, w2, w3, tile_expert, n_used)
+    zeros = lambda: jnp.zeros((T, M, w1.shape[1]), x.dtype)  # noqa: E731
+    out, a, b = jax.lax.fori_loop(0, n_used, body, (jnp.zeros(x.shape, jnp.float32), zeros(), zeros()))
+    return out, (x, gates, a, b, w1, w2, w3, copy, tile_expert, n_used)
 
 
-def _tiled_swiglu_bwd(res, dy):
-    buf, a, b, w1, w2, w3, tile_expert, n_used = res
+def _tiled_bwd(res, dout):
+    x, gates, a, b, w1, w2, w3, copy, tile_expert, n_used = res
+    token, gate = _tile_rows_of(copy, gates)
+    f32 = jnp.float32
 
     def body(t, carry):
-        dbuf, dw1, dw2, dw3 = carry
-        e = tile_expert[t]
-        da, db, dw2_e = jax.vjp(_down, a[t], b[t], w2[e])[1](dy[t])
-        dx, dw1_e, dw3_e = jax.vjp(_up, buf[t], w1[e], w3[e])[1]((da, db))
-        return dbuf.at[t].set(dx), dw1.at[e].add(dw1_e), dw2.at[e].add(dw2_e), dw3.at[e].add(dw3_e)
+        dx, dgate, dw1, dw2, dw3 = carry
+        e, tok, g = tile_expert[t], token[t], gate[t][:, None]
+        do = dout.at[tok].get(mode="fill", fill_value=0).astype(x.dtype)  # [M,D], before the gate
+        h, swiglu_vjp = jax.vjp(lambda a_, b_: jax.nn.silu(a_) * b_, a[t], b[t])
+        dh = jnp.einsum("md,df->mf", do, w2[e], preferred_element_type=f32)  # d(row output)/dh, ungated
+        dw2_e = jnp.einsum("md,mf->df", (do * g).astype(x.dtype), h, preferred_element_type=f32)
+        da, db = swiglu_vjp((dh * g).astype(x.dtype))
+        dx_t, dw1_e, dw3_e = jax.vjp(_up, x.at[tok].get(mode="fill", fill_value=0), w1[e], w3[e])[1]((da, db))
+        # d gate = <row output, dout> = <h, dout w2>: no need to keep the rows' outputs
+        dgate = dgate.at[t].set((h.astype(f32) * dh).sum(-1))
+        return (dx.at[tok].add(dx_t, mode="drop"), dgate, dw1.at[e].add(dw1_e),
+                dw2.at[e].add(dw2_e.astype(dw2.dtype)), dw3.at[e].add(dw3_e))
 
-    grads = jax.lax.fori_loop(0, n_used, body, tuple(jnp.zeros_like(v) for v in (buf, w1, w2, w3)))
-    return (*grads, None, None)
+    init = (jnp.zeros_like(x), jnp.zeros(copy.shape, f32), *(jnp.zeros_like(w) for w in (w1, w2, w3)))
+    dx, dgate, dw1, dw2, dw3 = jax.lax.fori_loop(0, n_used, body, init)
+    N, K = gates.shape
+    dgates = jnp.zeros((N * K,), f32).at[copy.reshape(-1)].set(dgate.reshape(-1), mode="drop")
+    return dx, dgates.reshape(N, K).astype(gates.dtype), dw1, dw2, dw3, None, None, None
 
 
 @jax.custom_vjp
-def tiled_swiglu(buf, w1, w2, w3, tile_expert, n_used):
-    """The routed SwiGLU on tile-padded rows: tile t of buf [T,M,D] through expert tile_expert[t]'s
-    w1/w3 [E,F,D] and w2 [E,D,F] -> [T,M,D]; the n_used..T-1 spare tiles come out as zeros.
+def tiled_swiglu(x, gates, w1, w2, w3, copy, tile_expert, n_used):
+    """The routed SwiGLU in the tile-padded layout, gathered, gated and combined: x [N,D], gates
+    [N,K] f32, w1/w3 [E,F,D], w2 [E,D,F], copy [T,M] the token copy (n K + k) in each row of each
+    tile (N K: padding), tile_expert [T] -> sum_k gates[:,k] * expert_{ids[:,k]}(x) [N,D] f32.
 
-    A loop over the used tiles, each three [M,D]x[D,F]-sized GEMMs on its expert's weights in place.
-    The custom VJP is what makes it fast on XLA:CPU: the loop has a data-dependent trip count (no
-    work for the worst-case layout's spare tiles), the backward keeps only the tiles' inputs and
-    pre-activations (a batched GEMM over gathered weights keeps a [T,F,D] copy of each weight per
-    layer), and each tile adds its weight gradient into its expert's slot instead of materializing
-    [T,F,D] per-tile gradients.
+    A loop over the n_used used tiles, each gathering its M token rows, running three [M,D]x[D,F]-
+    sized GEMMs on its expert's weights in place and adding its gated rows into the output. The
+    custom VJP is what makes it fast on XLA:CPU: the loop has a data-dependent trip count (no work
+    for the worst-case layout's spare tiles); each tile adds its weight gradient into its expert's
+    slot instead of materializing [T,F,D] per-tile gradients (as a batched GEMM over gathered
+    weights does); and the backward keeps only the pre-activations a, b [T,M,F] with x and the
+    gates. The tiles' inputs are gathered again from x and the gates' gradient comes from h and
+    dout w2, which the backward computes anyway, so neither the [T,M,D] tile inputs nor the
+    [N,K,D] expert outputs are kept: under the layer scan each residual is a zero-filled [L,...]
+    stack written and read back every step.
     """
-    return _tiled_swiglu_fwd(buf, w1, w2, w3, tile_expert, n_used)[0]
+    return _tiled_fwd(x, gates, w1, w2, w3, copy, tile_expert, n_used)[0]
 
 
-tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+tiled_swiglu.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def tile_rows(n_copies: int, n_experts: int, most: int = 64) -> int:
@@ -186,21 +212,17 @@ def copy_loop_experts(x, gates, ids, w1, w2, w3, *, dtype):
 
 def tiled_routed_experts(x, gates, ids, w1, w2, w3, *, dtype, tile: int | None = None):
     """routed_experts in the tile-padded layout (`tile_layout`, `tiled_swiglu`): the fast dropless
-    form on XLA:CPU. One gather puts each token copy in its expert's tiles and one gathers the
-    results back; shapes as routed_experts. tile: rows per tile (default `tile_rows`)."""
+    form on XLA:CPU. Shapes as routed_experts. tile: rows per tile (default `tile_rows`)."""
     N, K = ids.shape
-    D = x.shape[1]
     tile = tile_rows(N * K, w1.shape[0]) if tile is None else tile
     if tile == 1:
         return copy_loop_experts(x, gates, ids, w1, w2, w3, dtype=dtype)
     slot, tile_expert, n_used = tile_layout(ids, w1.shape[0], tile)
     n_tiles = tile_expert.shape[0]
-    token = jnp.full((n_tiles * tile,), N, jnp.int32).at[slot].set(jnp.arange(N * K, dtype=jnp.int32) // K,
-                                                                    mode="drop")
-    buf = x.astype(dtype).at[token].get(mode="fill", fill_value=0).reshape(n_tiles, tile, D)
-    y = tiled_swiglu(buf, w1.astype(dtype), w2.astype(dtype), w3.astype(dtype), tile_expert, n_used)
-    y = y.reshape(n_tiles * tile, D).at[slot].get(mode="fill", fill_value=0).reshape(N, K, D)
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), gates)
+    copy = jnp.full((n_tiles * tile,), N * K, jnp.int32).at[slot].set(jnp.arange(N * K, dtype=jnp.int32),
+                                                                       mode="drop")
+    return tiled_swiglu(x.astype(dtype), gates, w1.astype(dtype), w2.astype(dtype), w3.astype(dtype),
+                        copy.reshape(n_tiles, tile), tile_expert, n_used)
 
 
 def routed_experts(x, gates, ids, w1, w2, w3, *, dtype, impl: str = "default", scales=(None,) * 3,

@@ -61,3 +61,25 @@ def test_chunked_expert_parallel_moe_under_remat(policy):
 def test_unknown_policy_is_a_config_error_naming_the_choices():
     with pytest.raises(ConfigError, match=r"ModelConfig.remat='save_all'.*'save_attn_moe', 'offload_attn_moe'"):
         CFG.replace(remat="save_all")
+
+
+def test_tiled_moe_in_the_rematerialised_layers_matches_the_dense_reference():
+    """moe_impl='tiled' (experts.tiled_swiglu: a custom VJP that keeps its own residuals and gathers
+    the tile rows again in the backward) inside the rematerialised layer scan and in the MTP block:
+    the loss and every gradient of the every-expert-on-every-token reference."""
+    want = _loss_and_grads(CFG.replace(moe_impl="dense", remat="full"))
+    _assert_same(_loss_and_grads(CFG.replace(moe_impl="tiled", remat="full")), want, rtol=1e-4)
+
+
+def test_tiled_moe_gradients_at_the_small_presets_dims():
+    """A case the previous tiled VJP got wrong (expert and gate gradients off by up to 22% of their
+    largest entry, the loss equal): the `small` preset's dims with two scanned MoE layers, 4 x 256
+    tokens drawn from key 1 (tiles of 64 rows). The cause was not found; this pins the case."""
+    cfg = preset("small", n_layers=3)
+    tokens = jax.random.randint(jax.random.key(1), (4, 257), 0, cfg.vocab_size)
+
+    def loss_and_grads(impl):
+        g, p, b = split_model(nnx.jit(lambda: Transformer(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(0)))())
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, b, g, tokens[:, :-1], tokens[:, 1:], 0.3, 1e-4)[0]))(p)
+
+    _assert_same(loss_and_grads("tiled"), loss_and_grads("dense"), rtol=1e-4)
