@@ -74,7 +74,8 @@ def test_tiled_moe_in_the_rematerialised_layers_matches_the_dense_reference():
 def test_tiled_moe_gradients_at_the_small_presets_dims():
     """A case the previous tiled VJP got wrong (expert and gate gradients off by up to 22% of their
     largest entry, the loss equal): the `small` preset's dims with two scanned MoE layers, 4 x 256
-    tokens drawn from key 1 (tiles of 64 rows). The cause was not found; this pins the case."""
+    tokens drawn from key 1 (tiles of 64 rows). The same code was right with XLA:CPU's YNN fusions
+    off or at optimization level 0: a miscompile of that program, pinned here (docs/BENCHMARKS.md)."""
     cfg = preset("small", n_layers=3)
     tokens = jax.random.randint(jax.random.key(1), (4, 257), 0, cfg.vocab_size)
 
