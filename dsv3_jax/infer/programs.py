@@ -225,7 +225,7 @@ def chunk_state(cfg, prompts: list[list[int]], seq_ids, max_len: int, *, n_draft
         buf[r, : len(p)] = p
     state = dataclasses.replace(state, tokens=jnp.asarray(buf), length=jnp.asarray([len(p) for p in prompts], jnp.int32),
                                 seq_id=jnp.asarray(seq_ids, jnp.int32))
-    return state if mesh is None else jax.device_put(state, state_shardings_for(state, mesh))
+    return place(state, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))
@@ -294,6 +294,15 @@ def empty_state(cfg, batch: int, max_len: int, *, n_draft: int, cache_dtype, hid
         hidden=jnp.zeros((batch, ring_size(n_draft), cfg.dim), hidden_dtype) if n_draft else None,
         draft_probs=jnp.zeros((batch, n_draft, cfg.vocab_size), jnp.float32) if n_draft else None,
     )
+
+
+def place(state: DecodeState, mesh: Mesh | None) -> DecodeState:
+    """A fresh state onto `mesh` (`state_shardings_for`), or committed to the default device without
+    one, as every program's output is: jit keys its cache on committedness too, so an uncommitted
+    fresh state would compile each program that takes it again once it meets a program's output."""
+    if mesh is None:
+        return jax.device_put(state, jax.devices()[0])
+    return jax.device_put(state, state_shardings_for(state, mesh))
 
 
 def state_shardings_for(state: DecodeState, mesh: Mesh | None):

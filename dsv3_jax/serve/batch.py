@@ -83,9 +83,7 @@ class DecodeBatch:
     def _empty(self) -> infer_programs.DecodeState:
         state = infer_programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
                                            cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
-        if self.mesh is not None:
-            state = jax.device_put(state, infer_programs.state_shardings_for(state, self.mesh))
-        return state
+        return infer_programs.place(state, self.mesh)
 
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
