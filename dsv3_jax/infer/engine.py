@@ -122,9 +122,13 @@ class Engine:
         with programs.on_mesh(self.prefill_mesh):
             rows, first = programs.prefill(self.model_def, self.prefill_params, *args, key, eos, n_draft=n_draft,
                                            sampling=sampling, cache_dtype=self.cache_dtype, mesh=self.prefill_mesh)
+        return self.hand_off(rows), first
+
+    def hand_off(self, rows: programs.DecodeState) -> programs.DecodeState:
+        """Prefilled rows onto the decode mesh (a no-op where both phases share one)."""
         if self.decode_mesh is not None and self.decode_mesh is not self.prefill_mesh:
             rows = jax.device_put(rows, programs.state_shardings_for(rows, self.decode_mesh))
-        return rows, first
+        return rows
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,

@@ -137,9 +137,7 @@ class DecodeBatch:
                     mesh=e.prefill_mesh, kv_len=infer_programs.kv_len_for(start + C, T))
             if i < len(starts) - 1:
                 yield
-        if e.decode_mesh is not None and e.decode_mesh is not e.prefill_mesh:
-            state = jax.device_put(state, infer_programs.state_shardings_for(state, e.decode_mesh))
-        return state, first
+        return e.hand_off(state), first
 
     def _insert(self, slot: int, rows, first, prompt_len: int, row: RowSettings) -> tuple[list[int], bool]:
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
