@@ -57,6 +57,12 @@ BENCH = ModelConfig(
     n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
     q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
     max_seq_len=4096, n_mtp_modules=1)
+# The same shape 4x wider (134M parameters, ~0.2 GB of float32 weights read per batch-1 step): its
+# weights do not fit this CPU's 32 MB L3 as BENCH's activated ones do, so a decode step streams
+# them from memory, as serving a real model does, and reading two rows costs about what one does.
+LARGE = BENCH.replace(dim=1024, inter_dim=3072, moe_inter_dim=512, n_heads=16, q_lora_rank=512, kv_lora_rank=256,
+                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+MODELS = {"bench": BENCH, "large": LARGE}
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------
@@ -127,7 +133,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--context", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--init_std", type=float, default=0.08, help="0.08: ~0.88 acceptance (V3 reports 0.85-0.9)")
+    p.add_argument("--model", choices=sorted(MODELS), default="bench",
+                   help="bench: 10.5M parameters; large: 4x wider, weights streamed from memory")
+    p.add_argument("--init_std", type=float,
+                   help="blocks' weight scale; default 0.08 x sqrt(256 / dim): ~0.88 acceptance (V3 reports 0.85-0.9)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the fastest counts")
     p.add_argument("--moe_impl", choices=["ragged", "tiled", "dense"], default="tiled",
                    help="tiled: the fast form on XLA:CPU (decode: a loop over the token copies)")
@@ -138,15 +147,17 @@ def main() -> None:
                    help="torch threads; more than 1 on a shared 2-core machine oversubscribes (30x slower)")
     p.add_argument("--checkpoint", help="where to save the checkpoint (default: a temporary directory)")
     args = p.parse_args()
+    cfg = MODELS[args.model]
+    init_std = args.init_std if args.init_std is not None else 0.08 * (BENCH.dim / cfg.dim) ** 0.5
 
     ckpt = args.checkpoint or tempfile.mkdtemp(prefix="dsv3_bench_")
-    save_pretrained(bench_model(BENCH, args.init_std), ckpt)
+    save_pretrained(bench_model(cfg, init_std), ckpt)
     model = from_pretrained(ckpt, moe_impl=args.moe_impl)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     engine = Engine(model, cache_dtype=jnp.dtype(args.cache_dtype), unstack=not args.stacked)
-    ours_bytes = bytes_per_token(jax.eval_shape(lambda: init_cache(BENCH, 1, 64, jnp.dtype(args.cache_dtype))))
-    print(f"model: {n_params / 1e6:.1f}M parameters, {BENCH.n_layers} layers, dim {BENCH.dim}, "
-          f"{BENCH.n_routed_experts} experts (moe_impl={args.moe_impl}, layers {'stacked' if args.stacked else 'unstacked'}); "
+    ours_bytes = bytes_per_token(jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.dtype(args.cache_dtype))))
+    print(f"model: {n_params / 1e6:.1f}M parameters, {cfg.n_layers} layers, dim {cfg.dim}, "
+          f"{cfg.n_routed_experts} experts (moe_impl={args.moe_impl}, layers {'stacked' if args.stacked else 'unstacked'}); "
           f"checkpoint {ckpt}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "
           f"{args.new_tokens} new tokens, greedy; HF torch threads {args.hf_threads}", flush=True)
@@ -155,10 +166,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for ctx in args.context:
         for B in args.batch:
-            prompts = rng.integers(3, BENCH.vocab_size, (B, ctx)).astype(np.int32)
+            prompts = rng.integers(3, cfg.vocab_size, (B, ctx)).astype(np.int32)
             t0 = time.perf_counter()
             plain = ours(engine, prompts, args.new_tokens, 0, args.repeats)
-            spec = ours(engine, prompts, args.new_tokens, BENCH.n_mtp_modules, args.repeats)
+            spec = ours(engine, prompts, args.new_tokens, cfg.n_mtp_modules, args.repeats)
             ref = None if args.no_hf else hf(ckpt, prompts, args.new_tokens, args.hf_threads, args.repeats)
             rows.append((B, ctx, plain, spec, ref))
             print(f"  B={B} context={ctx}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -181,8 +192,8 @@ def main() -> None:
     print("\nmean decode tokens/s (fastest run): " + "; ".join(
         f"B={B} ctx={ctx}: ours {plain['mean_tok_s']:.1f}, +MTP {spec['mean_tok_s']:.1f}"
         + ("" if ref is None else f", HF {ref['mean_tok_s']:.1f}") for B, ctx, plain, spec, ref in rows))
-    print(f"KV cache bytes/token: ours {ours_bytes} ({args.cache_dtype}; (kv_lora_rank {BENCH.kv_lora_rank} + "
-          f"rope {BENCH.qk_rope_head_dim}) x {BENCH.n_layers} layers x {itemsize} B)", end="")
+    print(f"KV cache bytes/token: ours {ours_bytes} ({args.cache_dtype}; (kv_lora_rank {cfg.kv_lora_rank} + "
+          f"rope {cfg.qk_rope_head_dim}) x {cfg.n_layers} layers x {itemsize} B)", end="")
     if rows and rows[0][4] is not None:
         ref = rows[0][4]
         print(f"; HF {ref['bytes']:.0f} ({ref['dtype']}); ratio HF/ours {ref['bytes'] / ours_bytes:.2f}")

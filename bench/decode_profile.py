@@ -11,14 +11,8 @@ of one draft plus the next draft).
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -37,12 +31,15 @@ def main():
     p.add_argument("--draft", type=int, default=0, choices=[0, 1])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--model", choices=["bench", "large"], default="bench", help="bench/decode.py's models")
     p.add_argument("--moe_impl", choices=["tiled", "ragged", "dense"], default="tiled")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
     import decode as bench  # bench/decode.py: the model
+    import xla_ops
 
-    model = bench.bench_model(bench.BENCH.replace(moe_impl=args.moe_impl), 0.08)
+    cfg = bench.MODELS[args.model]
+    model = bench.bench_model(cfg.replace(moe_impl=args.moe_impl), 0.08 * (bench.BENCH.dim / cfg.dim) ** 0.5)
     engine, B, A = Engine(model), args.batch, args.draft
     prompts = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (B, args.context)).tolist()
     T = args.context + 4 * args.steps * (A + 1) + 64
@@ -65,24 +62,14 @@ def main():
         times.append(time.perf_counter() - t)
     print(f"batch {B}, context {args.context}, draft {A}: step {1e3 * np.median(times):.2f} ms median "
           f"(p10 {1e3 * np.percentile(times, 10):.2f}), load average {os.getloadavg()[0]:.1f}")
-    trace_dir = tempfile.mkdtemp(prefix="dsv3_decode_profile_")
-    with jax.profiler.trace(trace_dir):
-        steps(args.steps // 2)
-    per_step = collections.Counter()
-    for path in glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True):
-        for ev in json.load(gzip.open(path))["traceEvents"]:
-            name = ev.get("name", "")
-            if ev.get("ph") == "X" and ev.get("args", {}).get("hlo_op") == name:  # the program's ops only
-                per_step[name] += ev.get("dur", 0) / (args.steps // 2)
     hlo = programs.step.lower(engine.model_def, engine.decode_params, state, run.key, run.eos, n_draft=A,
                               sampling=rows, kv_len=kv_len).compile().as_text()
-    source = {}  # op -> its result shape and the jax operation it came from
-    for m in re.finditer(r'%([\w.\-]+) = (\S+) [^\n]*', hlo):
-        op_name = re.search(r'op_name="([^"]*)"', m.group(0))
-        source[m.group(1)] = f"{m.group(2)[:40]} {op_name.group(1)[-60:] if op_name else ''}"
-    print("\n| XLA op | us per step | result, from |\n|---|---|---|")
-    for name, us in per_step.most_common(args.top):
-        print(f"| {name} | {us:.1f} | {source.get(name, '')} |")
+
+    def one_step():
+        steps(1)
+        return state
+
+    print(xla_ops.profile(one_step, args.steps // 2, hlo, args.top))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ or 8 rows (a decode step at batch 1, a verification with one draft, a batch of 8
 
 A chain of --layers pairs of float32 linears ([rows, 256] -> [rows, 1024] -> [rows, 256], a
 different weight pair per layer, as in a decode step: every weight is read once per call) in one
-jitted program, timed per layer pair, in three forms of the same product: the einsum the model uses
-(weights [out, in]), one matrix-vector product per row, and multiply-and-sum. Memory traffic is the
+jitted program, timed per layer pair, in four forms of the same product: an einsum (weights [out,
+in]), one matrix-vector product per row (what `layers.matmul_nt` does on CPU for 2-3 rows), and
+multiply-and-sum with the rows outermost or innermost (the fastest here; inside the model XLA
+materialised the product instead of fusing it into the sum, so the model does not use it). Memory traffic is the
 same for every row count (the weights dominate), so on a memory-bound device the time would be too.
 
     python bench/small_m_matmul.py
+    python bench/small_m_matmul.py --dim 1024 --inter 3072 --layers 8 --rows 1 2 4 8 16 32   # weights from memory
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ FORMS = {
     "einsum": lambda x, w: jnp.einsum("mk,nk->mn", x, w),
     "per-row matvec": lambda x, w: jnp.concatenate([jnp.einsum("k,nk->n", x[i], w)[None] for i in range(x.shape[0])]),
     "multiply-sum": lambda x, w: (x[:, None, :] * w[None]).sum(-1),
+    "multiply-sum, rows inner": lambda x, w: (w[:, None, :] * x[None]).sum(-1).T,
 }
 
 
@@ -47,6 +51,7 @@ def main():
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--inter", type=int, default=1024)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8])
     args = p.parse_args()
     rng = np.random.default_rng(0)
     ws = [jnp.asarray(0.05 * rng.standard_normal((args.inter, args.dim)), jnp.float32) for _ in range(args.layers)]
@@ -56,7 +61,7 @@ def main():
     print("| rows | " + " | ".join(FORMS) + " | einsum / 1 row |")
     print("|---" * (len(FORMS) + 2) + "|")
     base = None
-    for rows in (1, 2, 8):
+    for rows in args.rows:
         x = jnp.asarray(rng.standard_normal((rows, args.dim)), jnp.float32)
         t = {k: per_layer_us(jax.jit(lambda x, ws, vs, f=f: chain(f, x, ws, vs)), (x, ws, vs), args.layers)
              for k, f in FORMS.items()}

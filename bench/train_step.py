@@ -2,6 +2,7 @@
 
     python bench/train_step.py                   # the `small` preset (~100M parameters), batch 4 x 256
     python bench/train_step.py --preset tiny --batch 8 --seq 128
+    python bench/train_step.py --profile 3      # then the XLA ops of 3 more steps, by time
 
 Prints tokens/s, achieved model FLOP/s (6 x activated matmul params + attention, per token, from
 the config) and the ratio to a large float32 matmul's FLOP/s measured in the same run (the
@@ -35,6 +36,8 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--moe_impl", default="tiled", help="tiled is the fast dropless form on XLA:CPU")
+    p.add_argument("--profile", type=int, default=0, help="then trace this many steps and print the top XLA ops")
+    p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     cfg = preset(args.preset, moe_impl=args.moe_impl)
     graphdef, params, biases = split_model(nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))())
@@ -64,6 +67,17 @@ def main():
     print(f"| {dt * 1e3:.0f} ms | {tok_s:.0f} | {fpt / 1e9:.3f} | {tok_s * fpt / 1e9:.1f} | {peak / 1e9:.1f} | "
           f"{tok_s * fpt / peak:.3f} |")
     print(f"(first step incl. compile: {compile_s:.1f} s)")
+    if args.profile:
+        sys.path.insert(0, os.path.dirname(__file__))
+        import xla_ops
+        hlo = step.lower(state, batch, 1e-3, 0.3).compile().as_text()
+
+        def one_step():
+            nonlocal state
+            state, m = step(state, batch, 1e-3, 0.3)
+            return m
+
+        print(xla_ops.profile(one_step, args.profile, hlo, args.top))
 
 
 if __name__ == "__main__":

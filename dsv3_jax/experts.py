@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import fp8_kernel, fp8_weight, normal_param
+from dsv3_jax.layers import fp8_kernel, fp8_weight, matmul_nt, normal_param
 from dsv3_jax.vma import vary_like
 from pallas_kernels import fp8_grouped_linear, fp8_grouped_matmul, quantize_act_1x128
 
@@ -99,14 +99,14 @@ def tile_layout(ids, n_experts: int, tile: int):
 def _up(x, w1, w3):
     """One tile's gate and up projections: x [M,D], w1/w3 [F,D] -> [M,F], [M,F]."""
     def mm(w):
-        return jnp.einsum("md,fd->mf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return matmul_nt(x, w, out_dtype=jnp.float32).astype(x.dtype)
     return mm(w1), mm(w3)
 
 
 def _down(a, b, w2):
     """One tile's SwiGLU and down projection: a, b [M,F], w2 [D,F] -> [M,D]."""
     h = jax.nn.silu(a) * b
-    return jnp.einsum("mf,df->md", h, w2, preferred_element_type=jnp.float32).astype(h.dtype)
+    return matmul_nt(h, w2, out_dtype=jnp.float32).astype(h.dtype)
 
 
 def _tile_rows_of(copy, gates):

@@ -36,6 +36,25 @@ def fp8_kernel(impl: str) -> str:
     return impl.partition(":")[2] or "auto"
 
 
+# XLA:CPU runs a product of a few rows with a weight through a GEMM (YNNPACK) that costs 2-3x its
+# one-row matrix-vector product although it reads the same weight (bench/small_m_matmul.py). An MTP
+# verification (2 rows per sequence) and decode-sized expert tiles are such products. One
+# matrix-vector product per row costs 1.5x one row at 2 rows and breaks even with the GEMM at 4,
+# so on CPU up to SMALL_ROWS rows take that form; other backends and row counts take the einsum.
+SMALL_ROWS = 3
+
+
+def matmul_nt(x: jax.Array, w: jax.Array, *, out_dtype=None) -> jax.Array:
+    """x [..., K] @ w[N, K].T -> [..., N]; out_dtype as an einsum's preferred_element_type."""
+    out_dtype = out_dtype or jnp.result_type(x, w)
+    rows = x.size // x.shape[-1]
+    if 1 < rows <= SMALL_ROWS and jax.default_backend() == "cpu":
+        x2 = x.reshape(rows, x.shape[-1])
+        y = jnp.stack([jnp.einsum("k,nk->n", x2[i], w, preferred_element_type=out_dtype) for i in range(rows)])
+        return y.reshape(*x.shape[:-1], w.shape[0])
+    return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=out_dtype)
+
+
 def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", scale=None,
            pow2_scale: bool = False) -> jax.Array:
     """y = x @ weight.T with weight (N, K). The one seam through which every projection goes.
@@ -52,7 +71,7 @@ def linear(x: jax.Array, weight: jax.Array, *, dtype, impl: str = "default", sca
         return fp8_linear(x.astype(dtype), weight.astype(dtype), fp8_kernel(impl))
     if impl != "default":
         raise ConfigError(f"linear impl={impl!r}: expected 'default', 'fp8' or 'fp8:<kernel>'")
-    return jnp.einsum("...k,nk->...n", x.astype(dtype), weight.astype(dtype))
+    return matmul_nt(x.astype(dtype), weight.astype(dtype))
 
 
 def fp8_weight(shape, axes: tuple[str, ...]) -> tuple[nnx.Param, Fp8Scale]:

@@ -25,7 +25,7 @@ from dsv3_jax.cache import Cache, LatentCache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.context import Context, make_context, sequence_positions
 from dsv3_jax.errors import ConfigError
-from dsv3_jax.layers import Embedding, RMSNorm, normal_param
+from dsv3_jax.layers import Embedding, RMSNorm, matmul_nt, normal_param
 from dsv3_jax.moe import MoEStats
 from dsv3_jax.mtp import MTPModule, tokens_ahead
 
@@ -116,8 +116,7 @@ class Transformer(nnx.Module):
         """Final norm (the main model's, or an MTP module's) + the shared head in float32:
         h [B,S,D] -> logits [B,S,V]."""
         norm = self.norm if norm is None else norm
-        return jnp.einsum("bsd,vd->bsv", norm(h), self.head[...].astype(h.dtype),
-                          preferred_element_type=jnp.float32)
+        return matmul_nt(norm(h), self.head[...].astype(h.dtype), out_dtype=jnp.float32)
 
     def mtp_chain(self, h: jax.Array, tokens: jax.Array, ctx: Context, caches: tuple[LatentCache, ...] | None = None,
                   *, depth: int | None = None, form: str = "expanded",

@@ -1,12 +1,14 @@
-"""RMSNorm, RoPE and YaRN against direct numpy transcriptions of their formulas."""
+"""RMSNorm, the projection matmul, RoPE and YaRN against direct numpy transcriptions of their formulas."""
 import math
+
+import jax
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig, preset
-from dsv3_jax.layers import RMSNorm
+from dsv3_jax.layers import RMSNorm, matmul_nt
 from dsv3_jax.rope import apply_rope, inv_frequencies, rope_tables, yarn_correction_range
 
 
@@ -18,6 +20,22 @@ def test_rmsnorm_matches_formula():
     norm.weight[...] = jnp.asarray(w)
     want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
     np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (1, 2), (2, 3)])
+def test_matmul_nt_is_x_times_w_transposed_with_one_row_products_for_few_rows_on_cpu(lead):
+    """A few rows go through one matrix-vector product each on XLA:CPU (its GEMM costs 2-3x the
+    matrix-vector product at 2 rows); every form gives x @ w.T."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(*lead, 48)).astype(np.float32), rng.normal(size=(40, 48)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(matmul_nt(jnp.asarray(x), jnp.asarray(w))), want, rtol=1e-5, atol=1e-5)
+    got = matmul_nt(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), out_dtype=jnp.float32)
+    assert got.dtype == jnp.float32 and got.shape == (*lead, 40)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0.05, atol=0.3)
+    rows = math.prod(lead)
+    dots = str(jax.make_jaxpr(lambda a, b: matmul_nt(a, b))(jnp.asarray(x), jnp.asarray(w))).count("dot_general")
+    assert dots == (rows if rows in (2, 3) else 1)
 
 
 def test_rope_rotates_interleaved_pairs_as_complex_numbers():
