@@ -34,6 +34,7 @@ The model is bench/decode.py's (10.5M parameters, 4 layers, dim 256, 16 experts 
 
     python bench/serve.py                                  # rates 2, 4, inf; 32 requests, 2 repeats; ~8 min on 2 cores
     python bench/serve.py --rates inf --requests 16        # quick look
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/serve.py --prefill_device   # disaggregated
 """
 
 from __future__ import annotations
@@ -153,9 +154,15 @@ def run_continuous(scheduler: Scheduler, jobs: list[Job]) -> dict:
 
 
 def start_scheduler(model, tok, args, n_draft: int) -> Scheduler:
+    mesh = prefill_mesh = None
+    if args.prefill_device:
+        from dsv3_jax.infer.main import make_mesh
+        mesh, prefill_mesh = (make_mesh("1,1,1", model.cfg.n_routed_experts, jax.devices()[i: i + 1]) for i in (1, 0))
+
     def start():
         return DecodeBatch(model, slots=args.slots, max_len=args.max_len, n_draft=n_draft,
-                           steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.bfloat16), tok
+                           steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.bfloat16, mesh=mesh,
+                           prefill_mesh=prefill_mesh), tok
 
     s = Scheduler(start, max_queue=10_000, metrics=Metrics("bench"))
     s.start()
@@ -175,6 +182,9 @@ def main() -> None:
                    help="cache slots per sequence (the longest request, plus room for MTP drafts)")
     p.add_argument("--init_std", type=float, default=0.08)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill_device", action="store_true",
+                   help="continuous batching prefills on device 0 and decodes on device 1, side by side "
+                        "(disaggregation; needs XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     args = p.parse_args()
 
     bench = _decode_bench()

@@ -239,7 +239,9 @@ def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir,
     """The batch on conftest's 8 fake devices, loaded as serve.py loads it (--mesh 1,1,8: experts
     over 8 devices, EP decoding inside the decode loop; or disaggregated, --prefill_mesh 1,1,4
     --mesh 1,1,4: prefill on devices 0-3, the row's cache handed to decode on 4-7): a request in
-    slot 3 with MTP gets Engine.generate's greedy tokens on the decode mesh alone."""
+    slot 3 with MTP gets Engine.generate's greedy tokens on the decode mesh alone, and so does a
+    second one admitted into slot 5 while slot 3 decodes (a disaggregated admission pauses for
+    decode dispatches until its prefill is done)."""
     import argparse
 
     from dsv3_jax.infer import Engine
@@ -250,16 +252,30 @@ def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir,
                               keep_fp8=False, prefill_mesh=prefill_mesh)
     model, _, mesh, prefill_mesh = load(args)
     assert set(prefill_mesh.devices.flat).isdisjoint(mesh.devices.flat) == (args.prefill_mesh is not None)
-    want = Engine(model, prefill_mesh=mesh, decode_mesh=mesh).generate([[5, 6, 7]], max_new_tokens=10,
-                                                                       speculative=1).tokens[0]
+    want = Engine(model, prefill_mesh=mesh, decode_mesh=mesh).generate(
+        [[5, 6, 7], [9, 8, 7, 6, 5]], max_new_tokens=10, speculative=1).tokens
     batch = DecodeBatch(model, slots=8, max_len=CONTEXT + 1, n_draft=1, steps_per_dispatch=4, mesh=mesh,
                         prefill_mesh=prefill_mesh)
-    got, active = batch.prefill(3, [5, 6, 7], 10, RowSettings())
-    while active:
+    got = {3: batch.prefill(3, [5, 6, 7], 10, RowSettings())[0]}
+
+    def decode():
         out = batch.decode(4)
-        got += [t for s in range(int(out.steps)) for t in out.tokens[s, 3, : out.count[s, 3]].tolist()]
-        active = bool(out.active[3])
-    assert got == want
+        for slot in got:
+            got[slot] += [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
+        return out
+
+    decode()
+    admission = batch.admit(5, [9, 8, 7, 6, 5], 10, RowSettings())
+    while True:
+        try:
+            next(admission)
+        except StopIteration as done:
+            got[5] = done.value[0]
+            break
+        decode()
+    while decode().active[[3, 5]].any():
+        pass
+    assert [got[3], got[5]] == want
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(served):
