@@ -99,21 +99,24 @@ class DecodeBatch:
 
     def prefill(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> tuple[list[int], bool]:
         """Prefill one prompt into `slot` all at once -> (its first tokens, whether it is still generating)."""
-        admission = self.admit(slot, prompt, budget, row)
+        admission = self.admit(slot, prompt, budget, row, overlap=False)
         while True:
             try:
                 next(admission)
             except StopIteration as done:
                 return done.value
 
-    def admit(self, slot: int, prompt: list[int], budget: int, row: RowSettings):
+    def admit(self, slot: int, prompt: list[int], budget: int, row: RowSettings, *, overlap: bool = True):
         """Prefill one prompt into `slot`: a generator that pauses between the chunks of a prompt
         longer than `chunk` (the scheduler runs a decode dispatch in each pause, so a long prompt
         never stalls the decoding rows for more than one chunk) and returns (its first tokens,
-        whether it is still generating). A short prompt is one `prefill` of its bucket."""
+        whether it is still generating). A short prompt is one `prefill` of its bucket. overlap: also
+        pause while a prefill on its own devices runs (`_overlap`); off for a caller that would only
+        poll the pauses."""
         if len(prompt) > self.chunk:
             rows, first = yield from self._chunks(prompt, budget, row)
-            yield from self._overlap(first)
+            if overlap:
+                yield from self._overlap(first)
             return self._insert(slot, rows, first, len(prompt), row)
         S = self.bucket(len(prompt))
         tok = np.zeros((1, S), np.int32)
@@ -121,7 +124,8 @@ class DecodeBatch:
         rows, first = self.engine.prefill(tok, np.int32([len(prompt)]), np.int32([row.seq_id]), np.int32([budget]),
                                           self.key, np.int32([row.eos_id]), n_draft=self.n_draft,
                                           sampling=row.sampling.rows(1))
-        yield from self._overlap(first)
+        if overlap:
+            yield from self._overlap(first)
         return self._insert(slot, rows, first, len(prompt), row)
 
     def _overlap(self, first):
