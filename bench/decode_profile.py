@@ -39,7 +39,7 @@ def main():
     import xla_ops
 
     cfg = bench.MODELS[args.model]
-    model = bench.bench_model(cfg.replace(moe_impl=args.moe_impl), 0.08 * (bench.BENCH.dim / cfg.dim) ** 0.5)
+    model = bench.bench_model(cfg.replace(moe_impl=args.moe_impl), bench.default_init_std(cfg))
     engine, B, A = Engine(model), args.batch, args.draft
     prompts = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (B, args.context)).tolist()
     T = args.context + 4 * args.steps * (A + 1) + 64

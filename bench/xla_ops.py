@@ -30,11 +30,11 @@ def profile(call, n_calls: int, compiled_text: str, top: int) -> str:
         op_name = re.search(r'op_name="([^"]*)"', m.group(0))
         source[m.group(1)] = f"{m.group(2)[:40]} {op_name.group(1)[-60:] if op_name else ''}"
     total = sum(per_call.values())
-    rows = [f"\nops total {total / 1e3:.2f} ms per call", "| XLA op | us per call | share | result, from |",
-            "|---|---|---|---|"]
-    kinds = collections.Counter()
+    kinds = collections.Counter()  # ynn_fusion.12 -> ynn_fusion
     for name, us in per_call.items():
         kinds[re.sub(r"[.\d]+$", "", name)] += us
-    rows.insert(1, "by kind: " + ", ".join(f"{k} {us / total:.0%}" for k, us in kinds.most_common(8)))
+    rows = [f"\nops total {total / 1e3:.2f} ms per call",
+            "by kind: " + ", ".join(f"{k} {us / total:.0%}" for k, us in kinds.most_common(8)),
+            "| XLA op | us per call | share | result, from |", "|---|---|---|---|"]
     rows += [f"| {name} | {us:.1f} | {us / total:.1%} | {source.get(name, '')} |" for name, us in per_call.most_common(top)]
     return "\n".join(rows)

@@ -124,9 +124,14 @@ class Engine:
                                            sampling=sampling, cache_dtype=self.cache_dtype, mesh=self.prefill_mesh)
         return self.hand_off(rows), first
 
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill and decode run on meshes of their own."""
+        return self.decode_mesh is not None and self.decode_mesh is not self.prefill_mesh
+
     def hand_off(self, rows: programs.DecodeState) -> programs.DecodeState:
         """Prefilled rows onto the decode mesh (a no-op where both phases share one)."""
-        if self.decode_mesh is not None and self.decode_mesh is not self.prefill_mesh:
+        if self.disaggregated:
             rows = jax.device_put(rows, programs.state_shardings_for(rows, self.decode_mesh))
         return rows
 

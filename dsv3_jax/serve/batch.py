@@ -115,15 +115,12 @@ class DecodeBatch:
         poll the pauses."""
         if len(prompt) > self.chunk:
             rows, first = yield from self._chunks(prompt, budget, row)
-            if overlap:
-                yield from self._overlap(first)
-            return self._insert(slot, rows, first, len(prompt), row)
-        S = self.bucket(len(prompt))
-        tok = np.zeros((1, S), np.int32)
-        tok[0, : len(prompt)] = prompt
-        rows, first = self.engine.prefill(tok, np.int32([len(prompt)]), np.int32([row.seq_id]), np.int32([budget]),
-                                          self.key, np.int32([row.eos_id]), n_draft=self.n_draft,
-                                          sampling=row.sampling.rows(1))
+        else:
+            tok = np.zeros((1, self.bucket(len(prompt))), np.int32)
+            tok[0, : len(prompt)] = prompt
+            rows, first = self.engine.prefill(tok, np.int32([len(prompt)]), np.int32([row.seq_id]),
+                                              np.int32([budget]), self.key, np.int32([row.eos_id]),
+                                              n_draft=self.n_draft, sampling=row.sampling.rows(1))
         if overlap:
             yield from self._overlap(first)
         return self._insert(slot, rows, first, len(prompt), row)
@@ -133,9 +130,7 @@ class DecodeBatch:
         a decode dispatch in each pause: the decoding rows run beside the prefill instead of
         waiting for it, since inserting the row makes the next dispatch depend on it. No pause
         where both share devices (the device would run them in turn anyway) or nothing else decodes."""
-        if self.engine.prefill_mesh is self.engine.decode_mesh:
-            return
-        while not first.tokens.is_ready() and (self.active & self.keep).any():
+        while self.engine.disaggregated and not first.tokens.is_ready() and (self.active & self.keep).any():
             yield
 
     def _chunks(self, prompt: list[int], budget: int, row: RowSettings):
