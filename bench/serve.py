@@ -153,7 +153,7 @@ def run_continuous(scheduler: Scheduler, jobs: list[Job]) -> dict:
     return {**summarise(jobs, t0), "accept": scheduler.metrics.acceptance_rate if scheduler.batch.n_draft else None}
 
 
-def start_scheduler(model, tok, args, n_draft: int) -> Scheduler:
+def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0) -> Scheduler:
     mesh = prefill_mesh = None
     if args.prefill_device:
         from dsv3_jax.infer.main import make_mesh
@@ -162,7 +162,7 @@ def start_scheduler(model, tok, args, n_draft: int) -> Scheduler:
     def start():
         return DecodeBatch(model, slots=args.slots, max_len=args.max_len, n_draft=n_draft,
                            steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.bfloat16, mesh=mesh,
-                           prefill_mesh=prefill_mesh), tok
+                           prefill_mesh=prefill_mesh, mixed=mixed), tok
 
     s = Scheduler(start, max_queue=10_000, metrics=Metrics("bench"))
     s.start()
@@ -185,6 +185,9 @@ def main() -> None:
     p.add_argument("--prefill_device", action="store_true",
                    help="continuous batching prefills on device 0 and decodes on device 1, side by side "
                         "(disaggregation; needs XLA_FLAGS=--xla_force_host_platform_device_count=2)")
+    p.add_argument("--mixed_prefill", type=int, nargs="*", default=[32],
+                   help="also run continuous batching with prompts joining decode steps this many tokens at a "
+                        "time (DecodeBatch.mixed; MTP off only), one system per value")
     args = p.parse_args()
 
     bench = _decode_bench()
@@ -199,22 +202,26 @@ def main() -> None:
     for n_draft in (0, cfg.n_mtp_modules):
         t = time.perf_counter()
         warm_static(engine, args.slots, args.max_len, n_draft)
-        scheduler = start_scheduler(model, tok, args, n_draft)
+        schedulers = {"continuous": start_scheduler(model, tok, args, n_draft)}
+        if not n_draft:
+            schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
+        names = ["static", *schedulers]
         print(f"  MTP {n_draft}: compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         for rate in map(float, args.rates):
             best = {}
-            for _ in range(args.repeats):  # alternating, so that both see the same spells of load
-                for name in ("static", "continuous"):
+            for _ in range(args.repeats):  # alternating, so that all see the same spells of load
+                for name in names:
                     jobs = workload(args.requests, rate, cfg.vocab_size, args.seed)
                     r = (run_static(engine, jobs, args.slots, args.max_len, n_draft) if name == "static"
-                         else run_continuous(scheduler, jobs))
+                         else run_continuous(schedulers[name], jobs))
                     r["load"] = os.getloadavg()[0]
                     print(f"  rate {rate:g} {name} MTP {n_draft}: {r['throughput']:.0f} tok/s in {r['wall']:.1f} s "
                           f"(load average {r['load']:.1f})", file=sys.stderr, flush=True)
                     if name not in best or r["throughput"] > best[name]["throughput"]:
                         best[name] = r
-            rows += [(rate, name, n_draft, best[name]) for name in ("static", "continuous")]
-        scheduler.stop(30)
+            rows += [(rate, name, n_draft, best[name]) for name in names]
+        for scheduler in schedulers.values():
+            scheduler.stop(30)
     report(rows)
     if "inf" in args.rates:
         print(f"this workload's ceiling at rate inf (decode steps, static / continuous): "
@@ -246,9 +253,9 @@ def report(rows) -> None:
     by = {(rate, name, n): r for rate, name, n, r in rows}
     print()
     for rate, name, n, r in rows:
-        if name == "continuous":
+        if name != "static":
             s = by[(rate, "static", n)]
-            print(f"rate {rate:g}, MTP {'on' if n else 'off'}: continuous / static throughput "
+            print(f"rate {rate:g}, MTP {'on' if n else 'off'}: {name} / static throughput "
                   f"{r['throughput'] / s['throughput']:.2f}x, p99 TPOT {1e3 * r['tpot_p99']:.1f} vs "
                   f"{1e3 * s['tpot_p99']:.1f} ms")
 

@@ -41,14 +41,16 @@ class LatentCache:
     c_kv: jax.Array  # [L, B, T, C] kv_norm(c_kv)
     k_pe: jax.Array  # [L, B, T, R] roped
 
-    def write(self, layer, positions: jax.Array, c_new: jax.Array, pe_new: jax.Array) -> "LatentCache":
-        """Store c_new [B,S,C], pe_new [B,S,R] at slots `positions` [B,S] of `layer`.
+    def write(self, layer, positions: jax.Array, c_new: jax.Array, pe_new: jax.Array,
+              rows: jax.Array | None = None) -> "LatentCache":
+        """Store c_new [B,S,C], pe_new [B,S,R] at slots `positions` [B,S] of `layer`, batch row b in
+        cache row rows[b] (default b; `Context.cache_rows`).
 
         Slots outside [0, T) (negative positions of a draft window, or past the end) are dropped.
         """
         T = self.c_kv.shape[2]
         slots = jnp.where(positions < 0, T, positions)
-        rows = jnp.arange(positions.shape[0])[:, None]
+        rows = (jnp.arange(positions.shape[0]) if rows is None else rows)[:, None]
         c_kv = self.c_kv.at[layer, rows, slots].set(c_new.astype(self.c_kv.dtype), mode="drop")
         k_pe = self.k_pe.at[layer, rows, slots].set(pe_new.astype(self.k_pe.dtype), mode="drop")
         return LatentCache(c_kv, k_pe)
@@ -56,6 +58,12 @@ class LatentCache:
     def read(self, layer, kv_len: int, dtype) -> tuple[jax.Array, jax.Array]:
         """The first kv_len slots of `layer`: c_kv [B,T,C], k_pe [B,T,R] in `dtype`."""
         return self.c_kv[layer, :, :kv_len].astype(dtype), self.k_pe[layer, :, :kv_len].astype(dtype)
+
+    def read_row(self, layer, row: jax.Array, kv_len: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """The first kv_len slots of cache row `row` ([] int32) of `layer`: c_kv [1,T,C], k_pe [1,T,R]."""
+        def one(x):
+            return jax.lax.dynamic_slice_in_dim(x[layer], row, 1, axis=0)[:, :kv_len].astype(dtype)
+        return one(self.c_kv), one(self.k_pe)
 
 
 @jax.tree_util.register_dataclass

@@ -114,23 +114,46 @@ class MLA(nnx.Module):
         q_nope, q_pe = self.queries(x, ctx)  # [B,S,H,Z], [B,S,H,R]
         c_kv, k_pe = self.latent(x, ctx)  # [B,S,C], [B,S,R]
         if cache is not None:
-            cache = cache.write(layer, ctx.positions, c_kv, k_pe)
+            cache = cache.write(layer, ctx.positions, c_kv, k_pe, ctx.cache_rows())
             c_kv, k_pe = cache.read(layer, ctx.kv_len, dt)  # [B,T,C], [B,T,R]
+        if ctx.join_rows:
+            out = self._mixed(q_nope, q_pe, c_kv, k_pe, ctx, cache.read_row(layer, ctx.join_slot, ctx.kv_len, dt), form)
+        else:
+            out = self._attend(q_nope, q_pe, c_kv, k_pe, ctx.mask, form)  # [B,S,H,O]
+        y = self.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim))
+        return jax.ad_checkpoint.checkpoint_name(y, ATTN_OUT), cache
+
+    def _mixed(self, q_nope, q_pe, c_kv, k_pe, ctx: Context, row: tuple[jax.Array, jax.Array], form: str) -> jax.Array:
+        """A mixed step's attention (`Context.join_slot`): the first B query rows attend their own
+        cache rows (c_kv, k_pe [B,T,...]); the last J, one prompt chunk a token per row, attend cache
+        row join_slot (`row`: its c_kv, k_pe [1,T,...]) as one sequence of J*S queries, causal by
+        position, so each token sees the chunk up to itself. The chunk has no cache rows of its own:
+        the cache stays B rows deep while the batch is B + J."""
+        J, S = ctx.join_rows, q_nope.shape[1]
+        B = q_nope.shape[0] - J
+
+        def chunk(a):  # [J,S,...] -> [1,J*S,...]
+            return a[B:].reshape(1, J * S, *a.shape[2:])
+
+        joined = self._attend(chunk(q_nope), chunk(q_pe), *row, chunk(ctx.mask), form)
+        out = self._attend(q_nope[:B], q_pe[:B], c_kv, k_pe, ctx.mask[:B], form)
+        return jnp.concatenate([out, joined.reshape(J, S, *joined.shape[2:])], axis=0)
+
+    def _attend(self, q_nope, q_pe, c_kv, k_pe, mask, form: str) -> jax.Array:
+        """q_nope [B,S,H,Z], q_pe [B,S,H,R] over the latents c_kv [B,T,C], k_pe [B,T,R] -> [B,S,H,O]."""
+        cfg, dt = self.cfg, self.wkv_b.dtype
         if form == "expanded":
             k_nope, v = self.expand(c_kv)  # [B,T,H,Z], [B,T,H,O]
             k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], cfg.n_heads, cfg.qk_rope_head_dim))
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
             k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)
-            out = attention(q, k, v, ctx.mask, scale=cfg.softmax_scale, impl=cfg.attn_impl)  # [B,S,H,O]
+            return attention(q, k, v, mask, scale=cfg.softmax_scale, impl=cfg.attn_impl)  # [B,S,H,O]
         elif form == "absorbed":
             w_uk, w_uv = self.absorbed_weights()
             q_abs = jnp.einsum("bshz,hzc->bshc", q_nope.astype(dt), w_uk)  # [B,S,H,C]
             q = jnp.concatenate([q_abs, q_pe.astype(dt)], axis=-1)  # [B,S,H,C+R]
             k = jnp.concatenate([c_kv, k_pe], axis=-1).astype(dt)[:, :, None]  # [B,T,1,C+R]
-            o_latent = attention(q, k, c_kv.astype(dt)[:, :, None], ctx.mask, scale=cfg.softmax_scale,
+            o_latent = attention(q, k, c_kv.astype(dt)[:, :, None], mask, scale=cfg.softmax_scale,
                                  impl=cfg.attn_impl)  # [B,S,H,C]
-            out = jnp.einsum("bshc,hoc->bsho", o_latent, w_uv)  # [B,S,H,O]
-        else:
-            raise ConfigError(f"MLA form={form!r}: expected one of {FORMS}")
-        y = self.wo(out.reshape(*x.shape[:2], cfg.n_heads * cfg.v_head_dim))
-        return jax.ad_checkpoint.checkpoint_name(y, ATTN_OUT), cache
+            return jnp.einsum("bshc,hoc->bsho", o_latent, w_uv)  # [B,S,H,O]
+        raise ConfigError(f"MLA form={form!r}: expected one of {FORMS}")

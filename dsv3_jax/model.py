@@ -85,9 +85,10 @@ class Transformer(nnx.Module):
         return model
 
     # ---- the pieces -------------------------------------------------------------------------------
-    def context(self, positions: jax.Array, kv_len: int | None = None) -> Context:
+    def context(self, positions: jax.Array, kv_len: int | None = None, *,
+                join: tuple[jax.Array, int] | None = None) -> Context:
         """positions [B,S] -> the call's rope tables and mask (over kv_len cache slots, if given)."""
-        return make_context(self.cfg, positions, kv_len)
+        return make_context(self.cfg, positions, kv_len, join=join)
 
     def stacks(self) -> list[BlockStack]:
         return [s for s in (getattr(self, name) for name in STACKS) if s is not None]
@@ -176,14 +177,16 @@ class Transformer(nnx.Module):
         return self.heads(h, tokens, ctx, stats, with_mtp=with_mtp, logits=logits)
 
     def forward_cached(self, tokens: jax.Array, positions: jax.Array, cache: Cache, *, form: str,
-                       kv_len: int | None = None):
+                       kv_len: int | None = None, join: tuple[jax.Array, int] | None = None):
         """Inference forward over S new tokens at `positions` [B,S], attending over the cache's
         first kv_len slots (default all T; every position must lie below it) -> hidden state
         [B,S,D] before the final norm, the cache with their latents written.
 
         Prefill is the call with positions 0..S-1 of an S-slot cache and form="expanded"; a decode
         step or a speculative verification the call at length + (0..S-1) with form="absorbed".
+        join (slot, J): the last J of the B rows are a prompt chunk of cache row `slot` (a mixed
+        step, `Context.join_slot`); the cache has B - J rows.
         """
-        ctx = self.context(positions, kv_len=kv_len or cache.slots)
+        ctx = self.context(positions, kv_len=kv_len or cache.slots, join=join)
         h, _, layers = self.trunk(self.embed(tokens), ctx, cache.layers, form=form)
         return h, dataclasses.replace(cache, layers=layers)

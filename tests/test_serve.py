@@ -50,11 +50,14 @@ class FakeBatch:
     """`DecodeBatch`'s interface without JAX: every row continues its last character (b, c, d, ...),
     then EOS after "~". A prompt containing "!" fails in prefill; `fail_next_decode` fails one decode
     dispatch; `gate` holds decode dispatches until set. A prompt longer than `chunk` enters in
-    chunks (`admit` pauses between them); `calls` logs chunks and decode dispatches in order."""
+    chunks (`admit` pauses between them); with `mixed`, a prompt of at most `chunk` tokens joins
+    decode dispatches `mixed` tokens per dispatch instead (`join`). `calls` logs chunks, joins and
+    decode dispatches with their step counts, in order."""
 
-    def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096):
+    def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096, mixed=0):
         self.slots, self.K, self.n_draft, self.context, self.step_s = slots, K, 0, context, step_s
-        self.chunk, self.calls = chunk, []
+        self.chunk, self.calls, self.mixed, self.joining = chunk, [], mixed, None
+        self.engine = types.SimpleNamespace(disaggregated=False)
         self.cfg = types.SimpleNamespace(vocab_size=128)
         self.gate = threading.Event()
         self.gate.set()
@@ -76,6 +79,12 @@ class FakeBatch:
 
     def free(self, slot):
         self.active[slot] = False
+        if self.joining == slot:
+            self.joining = None
+
+    def join(self, slot, prompt, budget, row):
+        assert self.joining is None
+        self.joining, self._joined = slot, (list(prompt), budget, row)
 
     def _emit(self, slot, previous):
         t = EOS if previous == LAST else previous + 1
@@ -98,8 +107,18 @@ class FakeBatch:
         return self.prefill(slot, prompt, budget, row)
 
     def decode(self, n):
-        self.calls.append("decode")
         assert self.gate.wait(30), "the test never opened the gate"
+        if self.joining is not None:
+            prompt, budget, row = self._joined
+            self.calls.append("join")
+            self._joined = (prompt[self.mixed:], budget, row)
+            if len(prompt) > self.mixed:
+                n = 1
+            else:  # the last chunk: its row emits its first token in the dispatch's first step
+                slot, self.joining = self.joining, None
+                self.left[slot], self.eos[slot] = budget, row.eos_id
+                self.last[slot], self.active[slot] = prompt[-1], True
+        self.calls.append(f"decode {n}")
         time.sleep(self.step_s)
         if self.fail_next_decode:
             self.fail_next_decode = False
@@ -224,8 +243,43 @@ def test_a_long_prompt_enters_a_chunk_per_decode_dispatch():
         batch.calls.clear()
         assert generate(s, "abcdefghij", max_tokens=3)[1].completion_tokens == 3
         calls = batch.calls[: batch.calls.index("chunk") + 6]
-        assert calls[calls.index("chunk"):] == ["chunk", "decode", "chunk", "decode", "chunk", "decode"]
+        assert calls[calls.index("chunk"):] == ["chunk", "decode 1", "chunk", "decode 1", "chunk", "decode 1"]
         assert first.wait(10)
+    finally:
+        s.stop(10)
+
+
+def test_a_short_prompt_joins_decode_dispatches_a_chunk_each_and_a_long_one_is_prefilled():
+    """With mixed prefill (chunks of 2) and prefill_chunk 6: a 5-token prompt joins three decode
+    dispatches (2 + 2 + 1 tokens) while the running request decodes, one step each until its last
+    chunk, which runs K; a 7-token prompt is prefilled (admit) instead. All get their full output."""
+    batch = FakeBatch(slots=3, K=4, chunk=6, mixed=2, step_s=0.005)
+    s = run_scheduler(batch)
+    try:
+        first = threading.Event()
+        s.submit(Params(prompt=[ord("#")], max_tokens=400, temperature=0.0), collect([], first))
+        wait_until(lambda: s.occupancy()[0] == 1, 10, "the first request to run")
+        batch.calls.clear()
+        assert generate(s, "abcde", max_tokens=6)[1].completion_tokens == 6
+        calls = batch.calls[batch.calls.index("join"):]
+        assert calls[:6] == ["join", "decode 1", "join", "decode 1", "join", "decode 4"]
+        batch.calls.clear()
+        assert generate(s, "abcdefg", max_tokens=3)[1].completion_tokens == 3
+        assert "chunk" in batch.calls and "join" not in batch.calls
+        assert first.wait(10)
+    finally:
+        s.stop(10)
+
+
+def test_a_request_cancelled_while_it_joins_frees_its_slot():
+    batch = FakeBatch(slots=1, K=4, mixed=1, step_s=0.002)
+    s = run_scheduler(batch)
+    try:
+        req = s.submit(Params(prompt=[ord("a")] * 200, max_tokens=5, temperature=0.0), collect([], threading.Event()))
+        wait_until(lambda: batch.calls.count("join") >= 2, 10, "the prompt to start joining")
+        s.cancel(req)
+        assert generate(s, "a", max_tokens=4)[1].completion_tokens == 4
+        assert batch.calls.count("join") < 200 and batch.joining is None
     finally:
         s.stop(10)
 

@@ -233,6 +233,54 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
                                    np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
 
 
+@pytest.mark.parametrize("mixed", [16, 64])
+def test_a_prompt_joining_decode_steps_decodes_as_the_engine_does(mixed):
+    """Sarathi's mixed batch: a 40-token prompt joins slot 2 while slot 0 decodes, riding in decode
+    steps in chunks of 16 (three dispatches: positions 0-15, 16-31, then 32-38 with the last prompt
+    token as the row's pending one) or of 64 (one chunk, mostly pads). Both rows get
+    Engine.generate's greedy tokens; the joined row holds the latent cache a whole-prompt prefill
+    writes; after warmup, joining compiles nothing."""
+    import jax
+
+    from dsv3_jax import preset
+    from dsv3_jax.infer import Engine
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15)
+    model = random_model(cfg, seed=5)
+    rng = np.random.default_rng(5)
+    prompt, other = ([int(t) for t in rng.integers(0, 128, n)] for n in (40, 7))
+    want = Engine(model).generate([other, prompt], max_new_tokens=12).tokens
+    batch = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4, mixed=mixed)
+    if mixed == 16:  # (once: warmup takes a while)
+        batch.warmup()
+    compiled = batch.compiled_programs()
+    got = {0: batch.prefill(0, other, 12, RowSettings())[0], 2: []}
+
+    def decode():
+        out = batch.decode(4)
+        for slot in got:
+            got[slot] += [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
+        return out
+
+    batch.join(2, prompt, 12, RowSettings())
+    dispatches = 0
+    while batch.joining is not None:
+        decode()
+        dispatches += 1
+    assert dispatches == -(-39 // mixed) and len(got[2]) >= 1
+    while decode().active[[0, 2]].any():
+        pass
+    assert [got[0], got[2]] == want
+    if mixed == 16:
+        assert batch.compiled_programs() == compiled
+    whole = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4)
+    whole.prefill(2, prompt, 12, RowSettings())
+    for joined, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+        np.testing.assert_allclose(np.asarray(joined[:, 2, :40], np.float32),
+                                   np.asarray(at_once[:, 2, :40], np.float32), atol=2e-2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, prefill_mesh", [("1,1,8", None), ("1,1,4", "1,1,4")])
 def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir, mesh, prefill_mesh):

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.cache import Cache, cache_shardings, init_cache
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.infer.sampling import TARGET, RowSampling, sample, token_keys
 from dsv3_jax.infer.speculative import draft, ring_size, verify
 from dsv3_jax.sharding import RULES, logical_to_spec, state_shardings
@@ -228,21 +229,74 @@ def chunk_state(cfg, prompts: list[list[int]], seq_ids, max_len: int, *, n_draft
     return place(state, mesh)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Join:
+    """A prompt chunk that rides in a decode step (Sarathi's mixed batch): J prompt tokens become J
+    more rows of the step's forward, sharing every weight read with the decoding rows, instead of
+    a prefill dispatch of its own that the decoding rows wait for.
+
+    The chunk holds positions start..start+J-1 of a prompt of `length` tokens joining decode row
+    `slot` (free, inactive). The step makes that row's pending token position
+    p = min(start + J, length - 1) (`pending`: the prompt's token there) and writes the chunk's
+    latents below p (pads, at or past p, write nothing). When p = length - 1 (the final chunk) the
+    row becomes active and its decode row samples the first token exactly as every other row
+    samples its next: same key, same settings (row `slot` of the step's sampling arrays, which
+    the caller sets first). Before that the row stays inactive and the next chunk starts at p,
+    overwriting the one latent the inactive row wrote there."""
+
+    tokens: jax.Array  # [J] int32: prompt[start:start+J], right-padded
+    slot: jax.Array  # [] int32
+    start: jax.Array  # [] int32
+    length: jax.Array  # [] int32: the whole prompt's
+    pending: jax.Array  # [] int32: prompt[min(start + J, length - 1)]
+    seq_id: jax.Array  # [] int32
+    budget: jax.Array  # [] int32: tokens the request may emit
+
+    def enter(self, state: DecodeState) -> DecodeState:
+        """The state with the joining row pending at p (active if this is the final chunk)."""
+        J = self.tokens.shape[0]
+        p = jnp.minimum(self.start + J, self.length - 1)
+        final = p == self.length - 1
+        i = self.slot
+        return dataclasses.replace(
+            state, length=state.length.at[i].set(p), tokens=state.tokens.at[i, p].set(self.pending),
+            seq_id=state.seq_id.at[i].set(self.seq_id), remaining=state.remaining.at[i].set(self.budget),
+            active=state.active.at[i].set(final & (self.budget > 0)))
+
+    def rows(self, state: DecodeState) -> tuple[jax.Array, jax.Array]:
+        """The chunk as J one-token rows: tokens [J,1] and positions [J,1] (-1 for those not written)."""
+        J = self.tokens.shape[0]
+        positions = self.start + jnp.arange(J, dtype=jnp.int32)
+        return self.tokens[:, None], jnp.where(positions < state.length[self.slot], positions, -1)[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))
 def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
-         mesh: Mesh | None = None, kv_len: int | None = None) -> tuple[DecodeState, StepOutput]:
+         mesh: Mesh | None = None, kv_len: int | None = None, join: Join | None = None) -> tuple[DecodeState, StepOutput]:
     """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A.
 
     kv_len (one of `kv_buckets`; default all T): attend over the cache's first kv_len slots only,
     which must exceed length + A of every active row (frozen rows compute garbage, never read).
     Attention then costs what the sequences hold, not what the slots could: a server sized for
-    4096-token requests does not read 4096 slots per row and step for 200-token ones."""
+    4096-token requests does not read 4096 slots per row and step for 200-token ones.
+    join: a prompt chunk joining a free row in this step (`Join`; plain decoding only)."""
     model = model_def.merge(params)
     B, Tb = state.tokens.shape
     rows = jnp.arange(B)[:, None]
+    if join is not None:
+        if n_draft:
+            raise ConfigError(f"a prompt chunk joins a decode step only without drafting (n_draft={n_draft})")
+        state = join.enter(state)
     positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
     fed = jnp.take_along_axis(state.tokens, jnp.minimum(positions, Tb - 1), axis=1)
-    h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed", kv_len=kv_len)
+    if join is None:
+        h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed", kv_len=kv_len)
+    else:
+        chunk, chunk_pos = join.rows(state)
+        h, cache = model.forward_cached(jnp.concatenate([fed, chunk]), jnp.concatenate([positions, chunk_pos]),
+                                        state.cache, form="absorbed", kv_len=kv_len, join=(join.slot, chunk.shape[0]))
+        h = h[:B]
     logits = model.logits(h)  # [B,A+1,V]
     a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
     out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,

@@ -11,7 +11,9 @@ written chunk by chunk into a T-slot row of its own by `infer.programs.prefill_c
 dispatch between chunks: `admit`) and `infer.programs.insert` copies the result into its slot
 (with `--prefill_mesh`, prefill runs on its own devices and the row's latent cache moves to the
 decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs K of infer's steps per
-dispatch over the smallest cache prefix (64, 128, ... T slots) that the rows fill; when a request
+dispatch over the smallest cache prefix (64, 128, ... T slots) that the rows fill. With `mixed`
+on, a prompt may instead `join`: no prefill program, its chunks ride in the decode dispatches'
+first steps as extra rows of the same forward (`infer.programs.Join`). When a request
 leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies. The
 slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.infer import programs as infer_programs
 from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.sampling import SamplingConfig
@@ -42,6 +45,28 @@ def prompt_buckets(max_len: int) -> list[int]:
     return infer_programs.buckets(max_len, FIRST_BUCKET)
 
 
+@dataclasses.dataclass
+class _Joining:
+    """A prompt joining its slot through decode dispatches (`DecodeBatch.join`)."""
+
+    slot: int
+    prompt: list[int]
+    budget: int
+    seq_id: int
+    start: int = 0  # of the next chunk
+
+    def chunk(self, J: int) -> tuple[infer_programs.Join, bool]:
+        """The next J tokens as a Join, and whether they end the prompt (its row then decodes)."""
+        P, start = len(self.prompt), self.start
+        tokens = np.zeros(J, np.int32)
+        piece = self.prompt[start: start + J]
+        tokens[: len(piece)] = piece
+        pending = min(start + J, P - 1)
+        join = infer_programs.Join(tokens, *(np.int32(x) for x in (self.slot, start, P, self.prompt[pending],
+                                                                     self.seq_id, self.budget)))
+        return join, pending == P - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSettings:
     """What one request asks of its row."""
@@ -53,10 +78,19 @@ class RowSettings:
 
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
-                 cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, prefill_chunk: int = 512, seed: int = 0):
+                 cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, prefill_chunk: int = 512, mixed: int = 0,
+                 seed: int = 0):
         """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
         prefilled row's latent cache moves to `mesh` before its insert), default `mesh`.
-        prefill_chunk: prompts longer than this enter in chunks of it (`admit`)."""
+        prefill_chunk: prompts longer than this enter in chunks of it (`admit`).
+        mixed: prompts may instead `join` decode dispatches, this many tokens in each (0: never;
+        plain decoding only)."""
+        if mixed and n_draft:
+            raise ConfigError(f"mixed={mixed}: a prompt joins decode steps only without MTP drafts "
+                              f"(n_draft={n_draft}); use mixed=0")
+        if mixed < 0 or mixed > max_len:
+            raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens")
+        self.mixed, self._join = mixed, None
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
@@ -87,6 +121,7 @@ class DecodeBatch:
 
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
+        self._join = None
         self.keep[:] = True
         self.active[:] = False
         self.state = self._empty()
@@ -159,9 +194,29 @@ class DecodeBatch:
             self.active[slot], self.length[slot] = True, prompt_len
         return tokens[0, : count[0]].tolist(), active
 
+    def join(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> None:
+        """Let `prompt` into `slot` through the next decode dispatches, `mixed` tokens of it riding
+        in the first step of each (`infer.programs.Join`: Sarathi's mixed batch). The decoding rows
+        wait for no prefill of its own; its chunks share their steps' weight reads. The dispatch
+        that carries the last chunk emits its first token in the slot's row (`joining` is None
+        from then on); until then the dispatches run one step each, so the chunks follow at once."""
+        if self._join is not None:
+            raise RuntimeError(f"slot {self._join.slot} is still joining")
+        self.rs.set_row(slot, row.sampling)
+        self.eos[slot], self.keep[slot], self.active[slot] = row.eos_id, True, False
+        self._join = _Joining(slot, list(prompt), budget, row.seq_id)
+
+    @property
+    def joining(self) -> int | None:
+        """The slot a prompt is joining through decode dispatches, if any."""
+        return None if self._join is None else self._join.slot
+
     def free(self, slot: int) -> None:
         """Stop generating in `slot` from the next dispatch on. Its settings go back to greedy: the
-        sampling code runs only when some row samples, and a frozen row still counts."""
+        sampling code runs only when some row samples, and a frozen row still counts. A prompt
+        joining the slot stops joining."""
+        if self.joining == slot:
+            self._join = None
         self.keep[slot] = False
         self.rs.set_row(slot, SamplingConfig())
 
@@ -169,20 +224,32 @@ class DecodeBatch:
         """Run up to n_steps (<= K) steps over the smallest cache prefix that holds them -> their
         outputs as numpy arrays."""
         n = min(n_steps, self.K)
+        join, joined = (None, None) if self._join is None else self._join.chunk(self.mixed)
+        n = n if join is None or joined else 1
+        length = self.length.copy()
+        if join is not None:
+            length[self._join.slot] = join.start + self.mixed  # its chunk's and pending token's positions
         live = self.active & self.keep
+        if join is not None:
+            live[self._join.slot] = True
         # n steps advance a row by at most n (A+1) positions, the last writing up to length + A
-        longest = int(self.length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
-        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len))
+        longest = int(length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
+        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len), join)
+        if join is not None:
+            if joined:
+                self.length[self._join.slot], self._join = len(self._join.prompt) - 1, None
+            else:
+                self._join.start += self.mixed
         self.length += out.count.sum(axis=0)
         self.active = out.active.copy()
         return out
 
-    def _dispatch(self, n_steps: int, kv_len: int) -> programs.ChunkOutput:
+    def _dispatch(self, n_steps: int, kv_len: int, join: infer_programs.Join | None = None) -> programs.ChunkOutput:
         with infer_programs.on_mesh(self.mesh):
             self.state, out = programs.decode(self.engine.model_def, self.engine.decode_params, self.state,
                                               self.keep.copy(), np.int32(n_steps), self.rs, self.eos.copy(),
                                               self.key, n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh,
-                                              kv_len=kv_len)
+                                              kv_len=kv_len, join=join)
         return jax.tree.map(np.asarray, out)
 
     def warmup(self) -> None:
@@ -195,6 +262,8 @@ class DecodeBatch:
             self.prefill(0, [0] * (self.context - 1), 2, sampled)
         for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
+            if self.mixed:
+                self._dispatch(self.K, kv_len, _Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0])
         self.free(0)
         self.active[:] = False
 

@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill_chunk", type=int, default=512,
                    help="a longer prompt is prefilled this many tokens per scheduler turn, a decode dispatch "
                         "between chunks (so it never stalls the running requests for its whole prefill)")
+    p.add_argument("--mixed_prefill", type=int, default=32,
+                   help="a prompt of at most --prefill_chunk tokens joins the decode steps this many tokens "
+                        "per step (Sarathi's mixed batch: no prefill of its own for the running requests to wait "
+                        "for); 0: prefill it alone. Without --speculative and --prefill_mesh only")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
@@ -54,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.max_queue < 0:
         p.error("--max_queue must be >= 0")
+    if args.mixed_prefill < 0:
+        p.error("--mixed_prefill must be >= 0 (0: off)")
     return args
 
 
@@ -80,11 +86,13 @@ def start_batch(args):
         raise ConfigError(f"--max_len {max_len}: too small to hold a prompt and a token")
     batch = DecodeBatch(model, slots=args.slots, max_len=max_len, n_draft=n_draft,
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
-                        mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk, seed=args.seed)
+                        mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk,
+                        mixed=0 if n_draft or args.prefill_mesh else min(args.mixed_prefill, max_len), seed=args.seed)
     log = logging.getLogger("uvicorn.error")
-    log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s", time.perf_counter() - t0,
-             len(batch.buckets), batch.buckets, args.slots, max_len, f"MTP with {n_draft} draft(s)" if n_draft
-             else "no speculation")
+    log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s, %s",
+             time.perf_counter() - t0, len(batch.buckets), batch.buckets, args.slots, max_len,
+             f"MTP with {n_draft} draft(s)" if n_draft else "no speculation",
+             f"prompts join decode steps {batch.mixed} tokens at a time" if batch.mixed else "prompts prefilled alone")
     return batch, tok
 
 

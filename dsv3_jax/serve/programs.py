@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dsv3_jax.infer.programs import DecodeState, ModelDef, step
+from dsv3_jax.infer.programs import DecodeState, Join, ModelDef, step
 from dsv3_jax.infer.sampling import RowSampling
 
 
@@ -49,27 +49,31 @@ class ChunkOutput:
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh", "kv_len"),
                    donate_argnums=(2,))
 def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
-           max_steps: int, mesh: Mesh | None = None, kv_len: int | None = None) -> tuple[DecodeState, ChunkOutput]:
+           max_steps: int, mesh: Mesh | None = None, kv_len: int | None = None,
+           join: Join | None = None) -> tuple[DecodeState, ChunkOutput]:
     """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active.
 
     keep [B] bool: rows the host let go (a stop string, a closed connection) are deactivated first.
     kv_len: the cache prefix every step attends (infer's `step`); it must hold all n_steps.
+    join: a prompt chunk that rides in the first step (`infer.programs.Join`, the mixed batch); its
+    row (kept in `keep`) emits its first token in that step if the chunk is the prompt's last.
     """
     state = dataclasses.replace(state, active=state.active & keep)
     B, A1 = state.tokens.shape[0], n_draft + 1
     zeros = jnp.zeros((max_steps, B), jnp.int32)
     buf = (jnp.zeros((max_steps, B, A1), jnp.int32), zeros, zeros, jnp.zeros((max_steps, B), bool))
 
+    def one(i, st, buf, join=None):
+        # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
+        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len,
+                       join=join)
+        buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
+        return i + 1, st, buf
+
     def cond(carry):
         i, st, _ = carry
         return (i < n_steps) & jnp.any(st.active)
 
-    def body(carry):
-        i, st, buf = carry
-        # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
-        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len)
-        buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
-        return i + 1, st, buf
-
-    steps, state, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
+    carry = (jnp.int32(0), state, buf) if join is None else one(jnp.int32(0), state, buf, join)
+    steps, state, buf = jax.lax.while_loop(cond, lambda carry: one(*carry), carry)
     return state, ChunkOutput(*buf, steps=steps, active=state.active, remaining=state.remaining)

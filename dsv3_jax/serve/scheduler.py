@@ -10,9 +10,13 @@ request's `sink`, a callable the HTTP side provides (it hands events to its asyn
 
 The loop, once the model is loaded and every program compiled (`ready`):
   1. take new requests from the inbox; drop cancelled ones, free the slots of cancelled running ones;
-  2. while a request waits and a slot is free: prefill it alone and insert it into the slot
-     (its first token streams out at once); a prompt longer than `--prefill_chunk` is prefilled
-     a chunk per iteration, so it stalls the decoding rows for one chunk at a time;
+  2. while a request waits and a slot is free: with mixed prefill on (`--mixed_prefill`, plain
+     decoding), a prompt of at most `--prefill_chunk` tokens joins the next decode dispatches, a
+     chunk riding in each one's first step (Sarathi's mixed batch: the running rows wait for no
+     prefill; its first token comes with the dispatch that carries its last chunk); otherwise it is
+     prefilled alone and inserted into the slot (its first token streams out at once), a prompt
+     longer than `--prefill_chunk` a chunk per iteration, so it stalls the decoding rows for one
+     chunk at a time;
   3. if any slot is busy, run one decode dispatch: K steps on the device (`--steps_per_dispatch`,
      the streaming granularity and the most steps a waiting request waits for a freed slot), over
      the smallest cache prefix that holds them; then hand each request its tokens, and retire
@@ -118,6 +122,8 @@ class Scheduler:
         self._free: list[int] = []
         # a long prompt entering its slot chunk by chunk: (request, slot, DecodeBatch.admit generator, budget)
         self._filling: tuple | None = None
+        # a prompt joining decode dispatches (DecodeBatch.join): (request, slot, budget)
+        self._joining: tuple | None = None
         self._lock = threading.Lock()
         self._outstanding = 0  # submitted and not finished
         self._stopping = False
@@ -178,13 +184,15 @@ class Scheduler:
             return
         self.ready.set()
         self._update_gauges()
-        while not (self._stopping and not self._running and not self._waiting and self._filling is None
-                   and self._inbox.empty()):
-            self._collect(block=not self._running and not self._waiting and self._filling is None)
+        while not (self._stopping and self._idle() and self._inbox.empty()):
+            self._collect(block=self._idle())
             self._admit()
-            if self._running:
+            if self._running or self._joining is not None:
                 self._decode()
             self._update_gauges()
+
+    def _idle(self) -> bool:
+        return not self._running and not self._waiting and self._filling is None and self._joining is None
 
     def _collect(self, block: bool) -> None:
         """Move the inbox into the waiting line; act on cancellations."""
@@ -208,12 +216,20 @@ class Scheduler:
             self._filling = None
             self._free.append(slot)
             self._retire(req, None, "abort")
+        if self._joining is not None and self._joining[0].cancelled:
+            req, slot, _ = self._joining
+            self._joining = None
+            self.batch.free(slot)
+            self._free.append(slot)
+            self._retire(req, None, "abort")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, oldest first; a long prompt one chunk per call."""
+        """Let waiting requests into free slots, oldest first: a prompt of at most `prefill_chunk`
+        tokens joins the next decode dispatches (`DecodeBatch.join`, where the batch has `mixed`
+        on), one at a time; otherwise it is prefilled, a long one a chunk per call."""
         if self._filling is not None:
             self._advance()
-        while self._waiting and self._free and self._filling is None:
+        while self._waiting and self._free and self._filling is None and self._joining is None:
             req = self._waiting.popleft()
             slot = self._free.pop()
             p = req.params
@@ -227,8 +243,12 @@ class Scheduler:
                 self._free.append(slot)
                 self._fail(req, e)
                 continue
-            self._filling = (req, slot, self.batch.admit(slot, p.prompt, budget, row), budget)
-            self._advance()
+            if self.batch.mixed and len(p.prompt) <= self.batch.chunk and not self.batch.engine.disaggregated:
+                self.batch.join(slot, p.prompt, budget, row)
+                self._joining = (req, slot, budget)
+            else:
+                self._filling = (req, slot, self.batch.admit(slot, p.prompt, budget, row), budget)
+                self._advance()
 
     def _advance(self) -> None:
         """The next chunk of the admission in progress; once its last is done the request runs."""
@@ -246,22 +266,32 @@ class Scheduler:
                 self._reset(e)
             return
         self._filling = None
+        self._start(req, slot, budget)
+        self._deliver(req, slot, first, time.perf_counter(), still_active=active)
+
+    def _start(self, req: Request, slot: int, budget: int) -> None:
+        """The request's prompt is in its slot: it decodes from now on."""
         req.budget = budget
         self._running[slot] = req
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(req.params.prompt))
-        self._deliver(req, slot, first, time.perf_counter(), still_active=active)
 
     def _decode(self) -> None:
         try:
             # K steps even while a request waits: a slot freed mid-dispatch idles for the rest of it
             # (at most K-1 steps), which cost less than cutting dispatches short at the first row
             # that can finish did in extra dispatches (bench/serve.py: 1.66x -> 2.18x static at
-            # saturation, docs/BENCHMARKS.md). The loop ends early once no row is active.
-            out = self.batch.decode(self.batch.K)
+            # saturation, docs/BENCHMARKS.md). The loop ends early once no row is active. The
+            # exception: a prompt joins and the next could join a free slot right after it.
+            more = self._joining is not None and self._waiting and self._free
+            out = self.batch.decode(1 if more else self.batch.K)
         except Exception as e:  # noqa: BLE001 - a device error: the batch is lost, the server is not
             self._reset(e)
             return
+        if self._joining is not None and self.batch.joining is None:  # its last chunk ran: it decodes
+            req, slot, budget = self._joining
+            self._joining = None
+            self._start(req, slot, budget)
         now = time.perf_counter()
         steps = int(out.steps)
         if self.metrics is not None:
@@ -348,6 +378,9 @@ class Scheduler:
             self._filling[2].close()
             self._fail(self._filling[0], e)
             self._filling = None
+        if self._joining is not None:
+            self._fail(self._joining[0], e)
+            self._joining = None
         self._free = list(range(self.batch.slots))[::-1]
         self.batch.reset()
 
