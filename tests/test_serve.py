@@ -51,16 +51,17 @@ class FakeBatch:
     then EOS after "~". A prompt containing "!" fails in prefill; `fail_next_decode` fails one decode
     dispatch; `gate` holds decode dispatches until set. A prompt longer than `chunk` enters in
     chunks (`admit` pauses between them); with `mixed`, a prompt of at most `chunk` tokens joins
-    decode dispatches `mixed` tokens per dispatch instead (`join`). `calls` logs chunks, joins and
-    decode dispatches with their step counts, in order."""
+    the decode steps instead (`join`: joining prompts take turns, `mixed` tokens per step). `calls`
+    logs chunks, decode dispatches and, within them, the steps that carry a join, in order."""
 
     def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096, mixed=0):
         self.slots, self.K, self.n_draft, self.context, self.step_s = slots, K, 0, context, step_s
-        self.chunk, self.calls, self.mixed, self.joining = chunk, [], mixed, None
+        self.chunk, self.calls, self.mixed, self._joins = chunk, [], mixed, []
         self.engine = types.SimpleNamespace(disaggregated=False)
         self.cfg = types.SimpleNamespace(vocab_size=128)
         self.gate = threading.Event()
         self.gate.set()
+        self.held = False  # a decode dispatch waits at the gate
         self.fail_next_decode = False
         self.last, self.left = np.zeros(slots, int), np.zeros(slots, int)
         self.active, self.eos = np.zeros(slots, bool), np.zeros(slots, int)
@@ -79,12 +80,27 @@ class FakeBatch:
 
     def free(self, slot):
         self.active[slot] = False
-        if self.joining == slot:
-            self.joining = None
+        self._joins = [j for j in self._joins if j[0] != slot]
 
     def join(self, slot, prompt, budget, row):
-        assert self.joining is None
-        self.joining, self._joined = slot, (list(prompt), budget, row)
+        assert slot not in self.joining
+        self._joins.append([slot, list(prompt), budget, row])
+
+    @property
+    def joining(self):
+        return [j[0] for j in self._joins]
+
+    def _join_step(self):
+        """The next joining prompt loses `mixed` tokens; after its last, its row runs."""
+        self.calls.append("join")
+        j = self._joins[0]
+        slot, prompt, budget, row = j
+        if len(prompt) > self.mixed:
+            j[1] = prompt[self.mixed:]
+            return
+        self._joins.pop(0)
+        self.left[slot], self.eos[slot] = budget, row.eos_id
+        self.last[slot], self.active[slot] = prompt[-1], True
 
     def _emit(self, slot, previous):
         t = EOS if previous == LAST else previous + 1
@@ -107,18 +123,10 @@ class FakeBatch:
         return self.prefill(slot, prompt, budget, row)
 
     def decode(self, n):
+        self.held = not self.gate.is_set()
         assert self.gate.wait(30), "the test never opened the gate"
-        if self.joining is not None:
-            prompt, budget, row = self._joined
-            self.calls.append("join")
-            self._joined = (prompt[self.mixed:], budget, row)
-            if len(prompt) > self.mixed:
-                n = 1
-            else:  # the last chunk: its row emits its first token in the dispatch's first step
-                slot, self.joining = self.joining, None
-                self.left[slot], self.eos[slot] = budget, row.eos_id
-                self.last[slot], self.active[slot] = prompt[-1], True
-        self.calls.append(f"decode {n}")
+        self.held = False
+        self.calls.append("decode")
         time.sleep(self.step_s)
         if self.fail_next_decode:
             self.fail_next_decode = False
@@ -126,7 +134,9 @@ class FakeBatch:
         tokens, count = np.zeros((self.K, self.slots, 1), int), np.zeros((self.K, self.slots), int)
         was = np.zeros((self.K, self.slots), bool)
         steps = 0
-        while steps < min(n, self.K) and self.active.any():
+        while steps < min(n, self.K) and (self.active.any() or self._joins):
+            if self._joins:
+                self._join_step()
             for r in np.flatnonzero(self.active):
                 was[steps, r], count[steps, r] = True, 1
                 tokens[steps, r, 0] = self._emit(r, self.last[r])
@@ -243,26 +253,36 @@ def test_a_long_prompt_enters_a_chunk_per_decode_dispatch():
         batch.calls.clear()
         assert generate(s, "abcdefghij", max_tokens=3)[1].completion_tokens == 3
         calls = batch.calls[: batch.calls.index("chunk") + 6]
-        assert calls[calls.index("chunk"):] == ["chunk", "decode 1", "chunk", "decode 1", "chunk", "decode 1"]
+        assert calls[calls.index("chunk"):] == ["chunk", "decode", "chunk", "decode", "chunk", "decode"]
         assert first.wait(10)
     finally:
         s.stop(10)
 
 
-def test_a_short_prompt_joins_decode_dispatches_a_chunk_each_and_a_long_one_is_prefilled():
-    """With mixed prefill (chunks of 2) and prefill_chunk 6: a 5-token prompt joins three decode
-    dispatches (2 + 2 + 1 tokens) while the running request decodes, one step each until its last
-    chunk, which runs K; a 7-token prompt is prefilled (admit) instead. All get their full output."""
+def test_short_prompts_join_decode_steps_in_turn_and_a_long_one_is_prefilled():
+    """With mixed prefill (chunks of 2) and prefill_chunk 6: two prompts of 5 and 3 tokens that
+    arrive together join the running request's decode steps, a chunk per step in arrival order
+    (2 + 2 + 1 tokens, then 2 + 1): five steps, the first four in one dispatch of K = 4; a 7-token
+    prompt is prefilled (admit) instead. All get their full output."""
     batch = FakeBatch(slots=3, K=4, chunk=6, mixed=2, step_s=0.005)
     s = run_scheduler(batch)
     try:
         first = threading.Event()
         s.submit(Params(prompt=[ord("#")], max_tokens=400, temperature=0.0), collect([], first))
         wait_until(lambda: s.occupancy()[0] == 1, 10, "the first request to run")
+        batch.gate.clear()
+        wait_until(lambda: batch.held, 10, "a dispatch to wait at the gate")
+        results = []
+        for prompt, n in (("abcde", 6), ("abc", 5)):
+            done = threading.Event()
+            results.append((done, []))
+            s.submit(Params(prompt=FakeTokenizer().encode(prompt), max_tokens=n, temperature=0.0),
+                     collect(results[-1][1], done))
         batch.calls.clear()
-        assert generate(s, "abcde", max_tokens=6)[1].completion_tokens == 6
-        calls = batch.calls[batch.calls.index("join"):]
-        assert calls[:6] == ["join", "decode 1", "join", "decode 1", "join", "decode 4"]
+        batch.gate.set()
+        for (done, events), n in zip(results, (6, 5)):
+            assert done.wait(10) and events[-1].completion_tokens == n
+        assert batch.calls[:8] == ["decode", "decode", "join", "join", "join", "join", "decode", "join"]
         batch.calls.clear()
         assert generate(s, "abcdefg", max_tokens=3)[1].completion_tokens == 3
         assert "chunk" in batch.calls and "join" not in batch.calls
@@ -279,7 +299,7 @@ def test_a_request_cancelled_while_it_joins_frees_its_slot():
         wait_until(lambda: batch.calls.count("join") >= 2, 10, "the prompt to start joining")
         s.cancel(req)
         assert generate(s, "a", max_tokens=4)[1].completion_tokens == 4
-        assert batch.calls.count("join") < 200 and batch.joining is None
+        assert batch.calls.count("join") < 200 and batch.joining == []
     finally:
         s.stop(10)
 

@@ -234,12 +234,14 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
 
 
 @pytest.mark.parametrize("mixed", [16, 64])
-def test_a_prompt_joining_decode_steps_decodes_as_the_engine_does(mixed):
-    """Sarathi's mixed batch: a 40-token prompt joins slot 2 while slot 0 decodes, riding in decode
-    steps in chunks of 16 (three dispatches: positions 0-15, 16-31, then 32-38 with the last prompt
-    token as the row's pending one) or of 64 (one chunk, mostly pads). Both rows get
-    Engine.generate's greedy tokens; the joined row holds the latent cache a whole-prompt prefill
-    writes; after warmup, joining compiles nothing."""
+def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed):
+    """Sarathi's mixed batch: while slot 0 decodes, a 40-token prompt joins slot 2 and a 20-token
+    one slot 1 (just let go while its request was still decoding: that row stays quiet until the
+    chunk takes it over), riding in decode steps as extra rows, a chunk per step in turn. In chunks of 16:
+    positions 0-15, 16-31 and 32-38 of the first (its last token becomes the row's pending one),
+    then 0-15 of the second in the dispatch's 4th step and 16-18 in the next dispatch; in chunks of
+    64, one each (mostly pads). Every row gets Engine.generate's greedy tokens; the joined rows hold
+    the latent cache a whole-prompt prefill writes; after warmup, joining compiles nothing."""
     import jax
 
     from dsv3_jax import preset
@@ -249,13 +251,15 @@ def test_a_prompt_joining_decode_steps_decodes_as_the_engine_does(mixed):
     cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15)
     model = random_model(cfg, seed=5)
     rng = np.random.default_rng(5)
-    prompt, other = ([int(t) for t in rng.integers(0, 128, n)] for n in (40, 7))
-    want = Engine(model).generate([other, prompt], max_new_tokens=12).tokens
+    prompts = {0: rng.integers(0, 128, 7), 2: rng.integers(0, 128, 40), 1: rng.integers(0, 128, 20)}
+    prompts = {slot: [int(t) for t in p] for slot, p in prompts.items()}
+    want = Engine(model).generate(list(prompts.values()), max_new_tokens=12).tokens
     batch = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4, mixed=mixed)
     if mixed == 16:  # (once: warmup takes a while)
         batch.warmup()
     compiled = batch.compiled_programs()
-    got = {0: batch.prefill(0, other, 12, RowSettings())[0], 2: []}
+    got = {0: batch.prefill(0, prompts[0], 12, RowSettings())[0], 2: [], 1: []}
+    batch.prefill(1, prompts[2][:9], 50, RowSettings())
 
     def decode():
         out = batch.decode(4)
@@ -263,22 +267,30 @@ def test_a_prompt_joining_decode_steps_decodes_as_the_engine_does(mixed):
             got[slot] += [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
         return out
 
-    batch.join(2, prompt, 12, RowSettings())
-    dispatches = 0
-    while batch.joining is not None:
+    decode()
+    batch.free(1)
+    got[1] = []
+    for slot in (2, 1):
+        batch.join(slot, prompts[slot], 12, RowSettings())
+    first = decode()
+    assert not first.count[: 4 if mixed == 16 else 1, 1].any()  # steps before slot 1's last chunk
+    dispatches = 1
+    while batch.joining:
         decode()
         dispatches += 1
-    assert dispatches == -(-39 // mixed) and len(got[2]) >= 1
-    while decode().active[[0, 2]].any():
+    assert dispatches == (2 if mixed == 16 else 1)
+    while decode().active.any():
         pass
-    assert [got[0], got[2]] == want
+    assert list(got.values()) == want
     if mixed == 16:
         assert batch.compiled_programs() == compiled
     whole = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4)
-    whole.prefill(2, prompt, 12, RowSettings())
-    for joined, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
-        np.testing.assert_allclose(np.asarray(joined[:, 2, :40], np.float32),
-                                   np.asarray(at_once[:, 2, :40], np.float32), atol=2e-2)
+    for slot in (2, 1):
+        whole.prefill(slot, prompts[slot], 12, RowSettings())
+        n = len(prompts[slot])
+        for joined, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+            np.testing.assert_allclose(np.asarray(joined[:, slot, :n], np.float32),
+                                       np.asarray(at_once[:, slot, :n], np.float32), atol=2e-2)
 
 
 @pytest.mark.slow

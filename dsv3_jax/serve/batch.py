@@ -55,16 +55,22 @@ class _Joining:
     seq_id: int
     start: int = 0  # of the next chunk
 
-    def chunk(self, J: int) -> tuple[infer_programs.Join, bool]:
-        """The next J tokens as a Join, and whether they end the prompt (its row then decodes)."""
+    def chunk(self, J: int) -> tuple[list, bool]:
+        """The fields of the next J tokens' `infer.programs.Join` and whether they end the prompt
+        (its row then decodes); `start` moves past them."""
         P, start = len(self.prompt), self.start
-        tokens = np.zeros(J, np.int32)
         piece = self.prompt[start: start + J]
-        tokens[: len(piece)] = piece
         pending = min(start + J, P - 1)
-        join = infer_programs.Join(tokens, *(np.int32(x) for x in (self.slot, start, P, self.prompt[pending],
-                                                                     self.seq_id, self.budget)))
-        return join, pending == P - 1
+        self.start += J
+        return [piece + [0] * (J - len(piece)), self.slot, start, P, self.prompt[pending], self.seq_id,
+                self.budget], pending == P - 1
+
+
+def stack_joins(chunks: list[list], K: int, J: int) -> tuple[infer_programs.Join, np.ndarray]:
+    """Join fields for up to K steps -> (a Join with a leading [K] axis, has_join [K])."""
+    rows = chunks + [[[0] * J, 0, 0, 2, 0, 0, 0]] * (K - len(chunks))
+    fields = [np.asarray(column, np.int32) for column in zip(*rows)]
+    return infer_programs.Join(*fields), np.arange(K) < len(chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +96,7 @@ class DecodeBatch:
                               f"(n_draft={n_draft}); use mixed=0")
         if mixed < 0 or mixed > max_len:
             raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens")
-        self.mixed, self._join = mixed, None
+        self.mixed, self._joins = mixed, []  # prompts joining, first come first served
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
@@ -121,7 +127,7 @@ class DecodeBatch:
 
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
-        self._join = None
+        self._joins = []
         self.keep[:] = True
         self.active[:] = False
         self.state = self._empty()
@@ -196,27 +202,28 @@ class DecodeBatch:
 
     def join(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> None:
         """Let `prompt` into `slot` through the next decode dispatches, `mixed` tokens of it riding
-        in the first step of each (`infer.programs.Join`: Sarathi's mixed batch). The decoding rows
-        wait for no prefill of its own; its chunks share their steps' weight reads. The dispatch
-        that carries the last chunk emits its first token in the slot's row (`joining` is None
-        from then on); until then the dispatches run one step each, so the chunks follow at once."""
-        if self._join is not None:
-            raise RuntimeError(f"slot {self._join.slot} is still joining")
+        in a step's forward (`infer.programs.Join`: Sarathi's mixed batch). The decoding rows wait
+        for no prefill of its own; its chunks share their steps' weight reads. Joining prompts take
+        turns in arrival order, a chunk per step; the step that carries a prompt's last chunk emits
+        its first token in the slot's row, which decodes from the next step on."""
+        if slot in self.joining:
+            raise RuntimeError(f"slot {slot} is already joining")
         self.rs.set_row(slot, row.sampling)
-        self.eos[slot], self.keep[slot], self.active[slot] = row.eos_id, True, False
-        self._join = _Joining(slot, list(prompt), budget, row.seq_id)
+        # keep stays off until its last chunk has run: a row the host let go may still be active
+        # on the device, and must not decode on until the chunk takes the row over
+        self.eos[slot], self.keep[slot], self.active[slot] = row.eos_id, False, False
+        self._joins.append(_Joining(slot, list(prompt), budget, row.seq_id))
 
     @property
-    def joining(self) -> int | None:
-        """The slot a prompt is joining through decode dispatches, if any."""
-        return None if self._join is None else self._join.slot
+    def joining(self) -> list[int]:
+        """The slots prompts are joining through decode dispatches."""
+        return [j.slot for j in self._joins]
 
     def free(self, slot: int) -> None:
         """Stop generating in `slot` from the next dispatch on. Its settings go back to greedy: the
         sampling code runs only when some row samples, and a frozen row still counts. A prompt
         joining the slot stops joining."""
-        if self.joining == slot:
-            self._join = None
+        self._joins = [j for j in self._joins if j.slot != slot]
         self.keep[slot] = False
         self.rs.set_row(slot, SamplingConfig())
 
@@ -224,32 +231,38 @@ class DecodeBatch:
         """Run up to n_steps (<= K) steps over the smallest cache prefix that holds them -> their
         outputs as numpy arrays."""
         n = min(n_steps, self.K)
-        join, joined = (None, None) if self._join is None else self._join.chunk(self.mixed)
-        n = n if join is None or joined else 1
-        length = self.length.copy()
-        if join is not None:
-            length[self._join.slot] = join.start + self.mixed  # its chunk's and pending token's positions
-        live = self.active & self.keep
-        if join is not None:
-            live[self._join.slot] = True
+        chunks, joined, length, live = self._schedule(n)
         # n steps advance a row by at most n (A+1) positions, the last writing up to length + A
         longest = int(length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
-        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len), join)
-        if join is not None:
-            if joined:
-                self.length[self._join.slot], self._join = len(self._join.prompt) - 1, None
-            else:
-                self._join.start += self.mixed
+        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len),
+                             stack_joins(chunks, self.K, self.mixed) if chunks else None)
+        self.keep[joined] = True
         self.length += out.count.sum(axis=0)
         self.active = out.active.copy()
         return out
 
-    def _dispatch(self, n_steps: int, kv_len: int, join: infer_programs.Join | None = None) -> programs.ChunkOutput:
+    def _schedule(self, n: int) -> tuple[list, list[int], np.ndarray, np.ndarray]:
+        """The joining prompts' chunks for n steps, one per step -> (their Join fields, the slots
+        whose last chunk is among them; per row, the highest position the dispatch may write from,
+        and whether it may write at all)."""
+        chunks, joined, length, live = [], [], self.length.copy(), self.active & self.keep
+        while self._joins and len(chunks) < n:
+            j = self._joins[0]
+            fields, last = j.chunk(self.mixed)
+            chunks.append(fields)
+            length[j.slot], live[j.slot] = j.start, True  # its chunk's and pending token's positions
+            if last:  # it decodes from its pending token, the prompt's last, onwards
+                self.length[j.slot] = len(j.prompt) - 1
+                joined.append(self._joins.pop(0).slot)
+        return chunks, joined, length, live
+
+    def _dispatch(self, n_steps: int, kv_len: int, joins=None) -> programs.ChunkOutput:
         with infer_programs.on_mesh(self.mesh):
             self.state, out = programs.decode(self.engine.model_def, self.engine.decode_params, self.state,
                                               self.keep.copy(), np.int32(n_steps), self.rs, self.eos.copy(),
                                               self.key, n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh,
-                                              kv_len=kv_len, join=join)
+                                              kv_len=kv_len, joins=None if joins is None else joins[0],
+                                              has_join=None if joins is None else joins[1])
         return jax.tree.map(np.asarray, out)
 
     def warmup(self) -> None:
@@ -263,7 +276,8 @@ class DecodeBatch:
         for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
             if self.mixed:
-                self._dispatch(self.K, kv_len, _Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0])
+                self._dispatch(self.K, kv_len, stack_joins([_Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0]], self.K,
+                                                           self.mixed))
         self.free(0)
         self.active[:] = False
 

@@ -50,30 +50,38 @@ class ChunkOutput:
                    donate_argnums=(2,))
 def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
            max_steps: int, mesh: Mesh | None = None, kv_len: int | None = None,
-           join: Join | None = None) -> tuple[DecodeState, ChunkOutput]:
-    """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active.
+           joins: Join | None = None, has_join=None) -> tuple[DecodeState, ChunkOutput]:
+    """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active
+    and no prompt chunk is left to join.
 
     keep [B] bool: rows the host let go (a stop string, a closed connection) are deactivated first.
     kv_len: the cache prefix every step attends (infer's `step`); it must hold all n_steps.
-    join: a prompt chunk that rides in the first step (`infer.programs.Join`, the mixed batch); its
-    row (kept in `keep`) emits its first token in that step if the chunk is the prompt's last.
+    joins, has_join [max_steps] bool: step i carries prompt chunk joins[i] (`infer.programs.Join`
+    with a leading step axis: Sarathi's mixed batch) where has_join[i]; a row whose last chunk
+    rides in step i emits its first token in it and decodes in the steps after.
     """
     state = dataclasses.replace(state, active=state.active & keep)
     B, A1 = state.tokens.shape[0], n_draft + 1
     zeros = jnp.zeros((max_steps, B), jnp.int32)
     buf = (jnp.zeros((max_steps, B, A1), jnp.int32), zeros, zeros, jnp.zeros((max_steps, B), bool))
 
-    def one(i, st, buf, join=None):
+    def run(st, join=None):
         # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
-        st, out = step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len,
-                       join=join)
+        return step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len, join=join)
+
+    def body(carry):
+        i, st, buf = carry
+        if joins is None:
+            st, out = run(st)
+        else:
+            st, out = jax.lax.cond(has_join[i], lambda st: run(st, jax.tree.map(lambda x: x[i], joins)), run, st)
         buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
         return i + 1, st, buf
 
     def cond(carry):
         i, st, _ = carry
-        return (i < n_steps) & jnp.any(st.active)
+        more = jnp.any(st.active) if joins is None else jnp.any(st.active) | has_join[jnp.minimum(i, max_steps - 1)]
+        return (i < n_steps) & more
 
-    carry = (jnp.int32(0), state, buf) if join is None else one(jnp.int32(0), state, buf, join)
-    steps, state, buf = jax.lax.while_loop(cond, lambda carry: one(*carry), carry)
+    steps, state, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
     return state, ChunkOutput(*buf, steps=steps, active=state.active, remaining=state.remaining)

@@ -122,8 +122,8 @@ class Scheduler:
         self._free: list[int] = []
         # a long prompt entering its slot chunk by chunk: (request, slot, DecodeBatch.admit generator, budget)
         self._filling: tuple | None = None
-        # a prompt joining decode dispatches (DecodeBatch.join): (request, slot, budget)
-        self._joining: tuple | None = None
+        # prompts joining decode dispatches (DecodeBatch.join): slot -> (request, budget)
+        self._joining: dict[int, tuple[Request, int]] = {}
         self._lock = threading.Lock()
         self._outstanding = 0  # submitted and not finished
         self._stopping = False
@@ -187,12 +187,12 @@ class Scheduler:
         while not (self._stopping and self._idle() and self._inbox.empty()):
             self._collect(block=self._idle())
             self._admit()
-            if self._running or self._joining is not None:
+            if self._running or self._joining:
                 self._decode()
             self._update_gauges()
 
     def _idle(self) -> bool:
-        return not self._running and not self._waiting and self._filling is None and self._joining is None
+        return not self._running and not self._waiting and self._filling is None and not self._joining
 
     def _collect(self, block: bool) -> None:
         """Move the inbox into the waiting line; act on cancellations."""
@@ -216,20 +216,21 @@ class Scheduler:
             self._filling = None
             self._free.append(slot)
             self._retire(req, None, "abort")
-        if self._joining is not None and self._joining[0].cancelled:
-            req, slot, _ = self._joining
-            self._joining = None
-            self.batch.free(slot)
-            self._free.append(slot)
-            self._retire(req, None, "abort")
+        for slot, (req, _) in list(self._joining.items()):
+            if req.cancelled:
+                del self._joining[slot]
+                self.batch.free(slot)
+                self._free.append(slot)
+                self._retire(req, None, "abort")
 
     def _admit(self) -> None:
         """Let waiting requests into free slots, oldest first: a prompt of at most `prefill_chunk`
         tokens joins the next decode dispatches (`DecodeBatch.join`, where the batch has `mixed`
-        on), one at a time; otherwise it is prefilled, a long one a chunk per call."""
+        on: the joining prompts take turns, a chunk per decode step); otherwise it is prefilled, a
+        long one a chunk per call."""
         if self._filling is not None:
             self._advance()
-        while self._waiting and self._free and self._filling is None and self._joining is None:
+        while self._waiting and self._free and self._filling is None:
             req = self._waiting.popleft()
             slot = self._free.pop()
             p = req.params
@@ -245,7 +246,7 @@ class Scheduler:
                 continue
             if self.batch.mixed and len(p.prompt) <= self.batch.chunk and not self.batch.engine.disaggregated:
                 self.batch.join(slot, p.prompt, budget, row)
-                self._joining = (req, slot, budget)
+                self._joining[slot] = (req, budget)
             else:
                 self._filling = (req, slot, self.batch.admit(slot, p.prompt, budget, row), budget)
                 self._advance()
@@ -281,16 +282,14 @@ class Scheduler:
             # K steps even while a request waits: a slot freed mid-dispatch idles for the rest of it
             # (at most K-1 steps), which cost less than cutting dispatches short at the first row
             # that can finish did in extra dispatches (bench/serve.py: 1.66x -> 2.18x static at
-            # saturation, docs/BENCHMARKS.md). The loop ends early once no row is active. The
-            # exception: a prompt joins and the next could join a free slot right after it.
-            more = self._joining is not None and self._waiting and self._free
-            out = self.batch.decode(1 if more else self.batch.K)
+            # saturation, docs/BENCHMARKS.md). The loop ends early once no row is active and no
+            # prompt chunk is left to join.
+            out = self.batch.decode(self.batch.K)
         except Exception as e:  # noqa: BLE001 - a device error: the batch is lost, the server is not
             self._reset(e)
             return
-        if self._joining is not None and self.batch.joining is None:  # its last chunk ran: it decodes
-            req, slot, budget = self._joining
-            self._joining = None
+        for slot in set(self._joining) - set(self.batch.joining):  # its last chunk ran: it decodes
+            req, budget = self._joining.pop(slot)
             self._start(req, slot, budget)
         now = time.perf_counter()
         steps = int(out.steps)
@@ -378,9 +377,9 @@ class Scheduler:
             self._filling[2].close()
             self._fail(self._filling[0], e)
             self._filling = None
-        if self._joining is not None:
-            self._fail(self._joining[0], e)
-            self._joining = None
+        for req, _ in self._joining.values():
+            self._fail(req, e)
+        self._joining.clear()
         self._free = list(range(self.batch.slots))[::-1]
         self.batch.reset()
 
