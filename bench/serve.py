@@ -16,6 +16,9 @@ loses more the wider the spread of output lengths in a batch.
               tokens; the batch still runs until its longest request is done.
   continuous  `Scheduler` + `DecodeBatch` (--slots slots, --steps_per_dispatch steps per dispatch):
               a request is prefilled alone as soon as a slot is free and leaves at its last token.
+  mixed J     the same, but a prompt joins the decode steps J tokens per step as extra rows of
+              their forward (`DecodeBatch.mixed`, Sarathi's mixed batch; MTP off only, so these
+              rows are only in the MTP-off half): one per value of --mixed_prefill.
 
 Per request: TTFT = first token - arrival; TPOT = (last token - first token) / (tokens - 1).
 Each system runs --repeats times per rate, alternating with the other, and the run with the
@@ -34,6 +37,7 @@ The model is bench/decode.py's (10.5M parameters, 4 layers, dim 256, 16 experts 
 
     python bench/serve.py                                  # rates 2, 4, inf; 32 requests, 2 repeats; ~8 min on 2 cores
     python bench/serve.py --rates inf --requests 16        # quick look
+    python bench/serve.py --rates inf --requests 128 --mixed_prefill 16 32   # mixed batches of two sizes
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/serve.py --prefill_device   # disaggregated
 """
 

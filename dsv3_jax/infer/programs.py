@@ -273,7 +273,8 @@ class Join:
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))
 def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draft: int, sampling: RowSampling,
-         mesh: Mesh | None = None, kv_len: int | None = None, join: Join | None = None) -> tuple[DecodeState, StepOutput]:
+         mesh: Mesh | None = None, kv_len: int | None = None,
+         join: Join | None = None) -> tuple[DecodeState, StepOutput]:
     """Verify [pending, d_1..d_A] at positions length..length+A, accept, draft the next A.
 
     kv_len (one of `kv_buckets`; default all T): attend over the cache's first kv_len slots only,

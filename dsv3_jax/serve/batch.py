@@ -46,7 +46,7 @@ def prompt_buckets(max_len: int) -> list[int]:
 
 
 @dataclasses.dataclass
-class _Joining:
+class Joining:
     """A prompt joining its slot through decode dispatches (`DecodeBatch.join`)."""
 
     slot: int
@@ -212,7 +212,7 @@ class DecodeBatch:
         # keep stays off until its last chunk has run: a row the host let go may still be active
         # on the device, and must not decode on until the chunk takes the row over
         self.eos[slot], self.keep[slot], self.active[slot] = row.eos_id, False, False
-        self._joins.append(_Joining(slot, list(prompt), budget, row.seq_id))
+        self._joins.append(Joining(slot, list(prompt), budget, row.seq_id))
 
     @property
     def joining(self) -> list[int]:
@@ -275,9 +275,9 @@ class DecodeBatch:
             self.prefill(0, [0] * (self.context - 1), 2, sampled)
         for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
-            if self.mixed:
-                self._dispatch(self.K, kv_len, stack_joins([_Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0]], self.K,
-                                                           self.mixed))
+            if self.mixed:  # a final chunk into slot 0
+                chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0]
+                self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed))
         self.free(0)
         self.active[:] = False
 
