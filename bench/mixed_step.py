@@ -39,8 +39,8 @@ def measure(batch: DecodeBatch, J: int, rounds: int, rng) -> dict:
     vocab = batch.cfg.vocab_size
 
     def chunks(k):
-        return stack_joins([Joining(ROWS, rng.integers(3, vocab, 4 * J).tolist(), 2, 0).chunk(J)[0]
-                            for _ in range(k)], K, J)
+        return stack_joins([Joining(ROWS, rng.integers(3, vocab, 4 * J).tolist(), 2, 0).chunk(J, batch.n_draft)[0]
+                            for _ in range(k)], K, J + batch.n_draft)
 
     def admission():
         batch.prefill(ROWS, rng.integers(3, vocab, J).tolist(), 2, row)

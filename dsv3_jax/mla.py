@@ -136,8 +136,11 @@ class MLA(nnx.Module):
             return a[B:].reshape(1, J * S, *a.shape[2:])
 
         joined = self._attend(chunk(q_nope), chunk(q_pe), *row, chunk(ctx.mask), form)
+        joined = joined.reshape(J, S, *joined.shape[2:])
+        if not B:  # the chunk alone (the MTP modules filling their caches: infer.programs.Join.fill)
+            return joined
         out = self._attend(q_nope[:B], q_pe[:B], c_kv, k_pe, ctx.mask[:B], form)
-        return jnp.concatenate([out, joined.reshape(J, S, *joined.shape[2:])], axis=0)
+        return jnp.concatenate([out, joined], axis=0)
 
     def _attend(self, q_nope, q_pe, c_kv, k_pe, mask, form: str) -> jax.Array:
         """q_nope [B,S,H,Z], q_pe [B,S,H,R] over the latents c_kv [B,T,C], k_pe [B,T,R] -> [B,S,H,O]."""

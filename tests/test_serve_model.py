@@ -233,29 +233,30 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
                                    np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
 
 
-@pytest.mark.parametrize("mixed", [16, 64])
-def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed):
+@pytest.mark.parametrize("mixed, n_draft", [(16, 0), (64, 0), (16, 1)])
+def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
     """Sarathi's mixed batch: while slot 0 decodes, a 40-token prompt joins slot 2 and a 20-token
     one slot 1 (just let go while its request was still decoding: that row stays quiet until the
     chunk takes it over), riding in decode steps as extra rows, a chunk per step in turn. In chunks of 16:
     positions 0-15, 16-31 and 32-38 of the first (its last token becomes the row's pending one),
     then 0-15 of the second in the dispatch's 4th step and 16-18 in the next dispatch; in chunks of
-    64, one each (mostly pads). Every row gets Engine.generate's greedy tokens; the joined rows hold
-    the latent cache a whole-prompt prefill writes; after warmup, joining compiles nothing."""
+    64, one each (mostly pads). Every row gets Engine.generate's greedy tokens, with MTP drafts too
+    (the chunks then also fill the MTP caches and the hidden-state ring); the joined rows hold the
+    latent caches a whole-prompt prefill writes; after warmup, joining compiles nothing."""
     import jax
 
     from dsv3_jax import preset
     from dsv3_jax.infer import Engine
     from dsv3_jax.serve.batch import DecodeBatch, RowSettings
 
-    cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15)
+    cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15, n_mtp_modules=1)
     model = random_model(cfg, seed=5)
     rng = np.random.default_rng(5)
     prompts = {0: rng.integers(0, 128, 7), 2: rng.integers(0, 128, 40), 1: rng.integers(0, 128, 20)}
     prompts = {slot: [int(t) for t in p] for slot, p in prompts.items()}
-    want = Engine(model).generate(list(prompts.values()), max_new_tokens=12).tokens
-    batch = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4, mixed=mixed)
-    if mixed == 16:  # (once: warmup takes a while)
+    want = Engine(model).generate(list(prompts.values()), max_new_tokens=12, speculative=n_draft).tokens
+    batch = DecodeBatch(model, slots=3, max_len=100, n_draft=n_draft, steps_per_dispatch=4, mixed=mixed)
+    if (mixed, n_draft) == (16, 0):  # (once: warmup takes a while)
         batch.warmup()
     compiled = batch.compiled_programs()
     got = {0: batch.prefill(0, prompts[0], 12, RowSettings())[0], 2: [], 1: []}
@@ -282,9 +283,9 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed):
     while decode().active.any():
         pass
     assert list(got.values()) == want
-    if mixed == 16:
+    if (mixed, n_draft) == (16, 0):
         assert batch.compiled_programs() == compiled
-    whole = DecodeBatch(model, slots=3, max_len=100, n_draft=0, steps_per_dispatch=4)
+    whole = DecodeBatch(model, slots=3, max_len=100, n_draft=n_draft, steps_per_dispatch=4)
     for slot in (2, 1):
         whole.prefill(slot, prompts[slot], 12, RowSettings())
         n = len(prompts[slot])

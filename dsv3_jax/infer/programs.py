@@ -31,7 +31,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.cache import Cache, cache_shardings, init_cache
-from dsv3_jax.errors import ConfigError
 from dsv3_jax.infer.sampling import TARGET, RowSampling, sample, token_keys
 from dsv3_jax.infer.speculative import draft, ring_size, verify
 from dsv3_jax.sharding import RULES, logical_to_spec, state_shardings
@@ -243,9 +242,14 @@ class Join:
     row becomes active and its decode row samples the first token exactly as every other row
     samples its next: same key, same settings (row `slot` of the step's sampling arrays, which
     the caller sets first). Before that the row stays inactive and the next chunk starts at p,
-    overwriting the one latent the inactive row wrote there."""
+    overwriting the one latent the inactive row wrote there.
 
-    tokens: jax.Array  # [J] int32: prompt[start:start+J], right-padded
+    With A = n_draft MTP modules, `tokens` also holds the A prompt tokens after the chunk (module
+    k at position j reads token j + k), the chunk fills the row's MTP caches and its hidden-state
+    ring too (`fill`), and the row's first verification checks A placeholder drafts (token 0,
+    drawn from a one-hot q: the rejection rule stays exact, greedy rows just match or not)."""
+
+    tokens: jax.Array  # [J+A] int32: prompt[start:start+J+A], right-padded
     slot: jax.Array  # [] int32
     start: jax.Array  # [] int32
     length: jax.Array  # [] int32: the whole prompt's
@@ -253,22 +257,48 @@ class Join:
     seq_id: jax.Array  # [] int32
     budget: jax.Array  # [] int32: tokens the request may emit
 
-    def enter(self, state: DecodeState) -> DecodeState:
+    def pending_at(self, n_draft: int) -> jax.Array:
+        """p: the position of the row's pending token."""
+        return jnp.minimum(self.start + self.tokens.shape[0] - n_draft, self.length - 1)
+
+    def enter(self, state: DecodeState, n_draft: int) -> DecodeState:
         """The state with the joining row pending at p (active if this is the final chunk)."""
-        J = self.tokens.shape[0]
-        p = jnp.minimum(self.start + J, self.length - 1)
+        p, i, Tb = self.pending_at(n_draft), self.slot, state.tokens.shape[1]
         final = p == self.length - 1
-        i = self.slot
+        at = self.start + jnp.arange(self.tokens.shape[0])
+        tokens = state.tokens.at[i, jnp.where(at < self.length, at, Tb)].set(self.tokens, mode="drop")
+        tokens = tokens.at[i, p].set(self.pending)
+        q = state.draft_probs
+        if n_draft:  # placeholder drafts for the first verification
+            tokens = tokens.at[i, jnp.where(final, p + 1 + jnp.arange(n_draft), Tb)].set(0, mode="drop")
+            q = q.at[i].set(jax.nn.one_hot(jnp.zeros(n_draft, jnp.int32), q.shape[-1], dtype=q.dtype))
         return dataclasses.replace(
-            state, length=state.length.at[i].set(p), tokens=state.tokens.at[i, p].set(self.pending),
+            state, length=state.length.at[i].set(p), tokens=tokens, draft_probs=q,
             seq_id=state.seq_id.at[i].set(self.seq_id), remaining=state.remaining.at[i].set(self.budget),
             active=state.active.at[i].set(final & (self.budget > 0)))
 
-    def rows(self, state: DecodeState) -> tuple[jax.Array, jax.Array]:
-        """The chunk as J one-token rows: tokens [J,1] and positions [J,1] (-1 for those not written)."""
-        J = self.tokens.shape[0]
+    def rows(self, n_draft: int) -> tuple[jax.Array, jax.Array]:
+        """The chunk as rows as wide as the decoding rows (A + 1 tokens; J must divide): tokens and
+        positions [J/(A+1), A+1] (-1 for those not written)."""
+        J = self.tokens.shape[0] - n_draft
         positions = self.start + jnp.arange(J, dtype=jnp.int32)
-        return self.tokens[:, None], jnp.where(positions < state.length[self.slot], positions, -1)[:, None]
+        positions = jnp.where(positions < self.pending_at(n_draft), positions, -1)
+        return self.tokens[:J].reshape(-1, n_draft + 1), positions.reshape(-1, n_draft + 1)
+
+    def fill(self, model, hidden, cache: Cache, tokens, h, positions, n_draft: int, kv_len: int | None):
+        """What drafting reads of the chunk: its normalised hidden states (h: its rows') in the row's ring
+        (the 2A positions below p, all a draft window reaches back to) and its MTP latents (each
+        module over the chunk's positions, reading the tokens ahead from the row's buffer)
+        -> (hidden, cache)."""
+        J, D, p = self.tokens.shape[0] - n_draft, h.shape[-1], self.pending_at(n_draft)
+        h, positions = h.reshape(J, 1, D), positions.reshape(J, 1)  # one token per row: tokens ahead by row
+        hn = model.norm(h)
+        row = _write_ring(hidden[self.slot][None], positions.reshape(1, J), hn.reshape(1, J, D),
+                          (p - 2 * n_draft)[None], p[None])
+        ctx = model.context(positions, kv_len=kv_len or cache.slots, join=(self.slot, J))
+        _, _, mtp = model.mtp_chain(hn, jnp.broadcast_to(tokens[self.slot], (J, tokens.shape[1])), ctx, cache.mtp,
+                                    depth=len(cache.mtp), form="absorbed")
+        return hidden.at[self.slot].set(row[0]), Cache(layers=cache.layers, mtp=mtp)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "mesh", "kv_len"), donate_argnums=(2,))
@@ -281,23 +311,20 @@ def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draf
     which must exceed length + A of every active row (frozen rows compute garbage, never read).
     Attention then costs what the sequences hold, not what the slots could: a server sized for
     4096-token requests does not read 4096 slots per row and step for 200-token ones.
-    join: a prompt chunk joining a free row in this step (`Join`; plain decoding only)."""
+    join: a prompt chunk joining a free row in this step (`Join`)."""
     model = model_def.merge(params)
     B, Tb = state.tokens.shape
     rows = jnp.arange(B)[:, None]
-    if join is not None:
-        if n_draft:
-            raise ConfigError(f"a prompt chunk joins a decode step only without drafting (n_draft={n_draft})")
-        state = join.enter(state)
+    state = state if join is None else join.enter(state, n_draft)
     positions = state.length[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
     fed = jnp.take_along_axis(state.tokens, jnp.minimum(positions, Tb - 1), axis=1)
     if join is None:
         h, cache = model.forward_cached(fed, positions, state.cache, form="absorbed", kv_len=kv_len)
     else:
-        chunk, chunk_pos = join.rows(state)
+        chunk, chunk_pos = join.rows(n_draft)
         h, cache = model.forward_cached(jnp.concatenate([fed, chunk]), jnp.concatenate([positions, chunk_pos]),
                                         state.cache, form="absorbed", kv_len=kv_len, join=(join.slot, chunk.shape[0]))
-        h = h[:B]
+        h, h_chunk = h[:B], h[B:]
     logits = model.logits(h)  # [B,A+1,V]
     a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
     out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,
@@ -308,6 +335,8 @@ def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draf
     length = jnp.where(state.active, state.length + a + 1, state.length)
     hidden, q = state.hidden, state.draft_probs
     if n_draft:
+        if join is not None:
+            hidden, cache = join.fill(model, hidden, cache, tokens, h_chunk, chunk_pos, n_draft, kv_len)
         hidden = _write_ring(hidden, positions, model.norm(h), state.length, state.length + n_draft + 1)
         W = 2 * n_draft
         wpos = length[:, None] - W + jnp.arange(W, dtype=jnp.int32)

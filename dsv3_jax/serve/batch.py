@@ -55,20 +55,22 @@ class Joining:
     seq_id: int
     start: int = 0  # of the next chunk
 
-    def chunk(self, J: int) -> tuple[list, bool]:
-        """The fields of the next J tokens' `infer.programs.Join` and whether they end the prompt
-        (its row then decodes); `start` moves past them."""
+    def chunk(self, J: int, n_draft: int = 0) -> tuple[list, bool]:
+        """The fields of the next J tokens' `infer.programs.Join` (and the n_draft after them,
+        which the MTP modules read) and whether they end the prompt (its row then decodes); `start`
+        moves past them."""
         P, start = len(self.prompt), self.start
-        piece = self.prompt[start: start + J]
+        piece = self.prompt[start: start + J + n_draft]
         pending = min(start + J, P - 1)
         self.start += J
-        return [piece + [0] * (J - len(piece)), self.slot, start, P, self.prompt[pending], self.seq_id,
+        return [piece + [0] * (J + n_draft - len(piece)), self.slot, start, P, self.prompt[pending], self.seq_id,
                 self.budget], pending == P - 1
 
 
-def stack_joins(chunks: list[list], K: int, J: int) -> tuple[infer_programs.Join, np.ndarray]:
-    """Join fields for up to K steps -> (a Join with a leading [K] axis, has_join [K])."""
-    rows = chunks + [[[0] * J, 0, 0, 2, 0, 0, 0]] * (K - len(chunks))
+def stack_joins(chunks: list[list], K: int, width: int) -> tuple[infer_programs.Join, np.ndarray]:
+    """Join fields (tokens `width` wide) for up to K steps -> (a Join with a leading [K] axis,
+    has_join [K])."""
+    rows = chunks + [[[0] * width, 0, 0, 2, 0, 0, 0]] * (K - len(chunks))
     fields = [np.asarray(column, np.int32) for column in zip(*rows)]
     return infer_programs.Join(*fields), np.arange(K) < len(chunks)
 
@@ -89,13 +91,10 @@ class DecodeBatch:
         """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
         prefilled row's latent cache moves to `mesh` before its insert), default `mesh`.
         prefill_chunk: prompts longer than this enter in chunks of it (`admit`).
-        mixed: prompts may instead `join` decode dispatches, this many tokens in each (0: never;
-        plain decoding only)."""
-        if mixed and n_draft:
-            raise ConfigError(f"mixed={mixed}: a prompt joins decode steps only without MTP drafts "
-                              f"(n_draft={n_draft}); use mixed=0")
-        if mixed < 0 or mixed > max_len:
-            raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens")
+        mixed: prompts may instead `join` the decode steps, this many tokens in each (0: never)."""
+        if mixed < 0 or mixed > max_len or mixed % (n_draft + 1):
+            raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens, a "
+                              f"multiple of the {n_draft + 1} tokens a decoding row verifies per step")
         self.mixed, self._joins = mixed, []  # prompts joining, first come first served
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
@@ -235,7 +234,7 @@ class DecodeBatch:
         # n steps advance a row by at most n (A+1) positions, the last writing up to length + A
         longest = int(length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
         out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len),
-                             stack_joins(chunks, self.K, self.mixed) if chunks else None)
+                             stack_joins(chunks, self.K, self.mixed + self.n_draft) if chunks else None)
         self.keep[joined] = True
         self.length += out.count.sum(axis=0)
         self.active = out.active.copy()
@@ -248,7 +247,7 @@ class DecodeBatch:
         chunks, joined, length, live = [], [], self.length.copy(), self.active & self.keep
         while self._joins and len(chunks) < n:
             j = self._joins[0]
-            fields, last = j.chunk(self.mixed)
+            fields, last = j.chunk(self.mixed, self.n_draft)
             chunks.append(fields)
             length[j.slot], live[j.slot] = j.start, True  # its chunk's and pending token's positions
             if last:  # it decodes from its pending token, the prompt's last, onwards
@@ -276,8 +275,8 @@ class DecodeBatch:
         for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
             if self.mixed:  # a final chunk into slot 0
-                chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed)[0]
-                self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed))
+                chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed, self.n_draft)[0]
+                self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed + self.n_draft))
         self.free(0)
         self.active[:] = False
 

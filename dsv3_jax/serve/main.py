@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_prefill", type=int, default=32,
                    help="a prompt of at most --prefill_chunk tokens joins the decode steps this many tokens "
                         "per step (Sarathi's mixed batch: no prefill of its own for the running requests to wait "
-                        "for); 0: prefill it alone. Without --speculative and --prefill_mesh only")
+                        "for); 0: prefill it alone. Not with --prefill_mesh (where prefill has devices of its own)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
@@ -64,6 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- the model, on the scheduler thread -----------------------------------------------------------
+def mixed_chunk(tokens: int, max_len: int, n_draft: int) -> int:
+    """--mixed_prefill as the batch takes it: at most max_len, rounded down to whole rows of the
+    n_draft + 1 tokens a decoding row verifies per step (at least one row)."""
+    if not tokens:
+        return 0
+    rows = max(1, min(tokens, max_len) // (n_draft + 1))
+    return rows * (n_draft + 1)
+
+
 def start_batch(args):
     """Load the model as infer.py does and build the decode batch -> (DecodeBatch, tokenizer)."""
     import jax.numpy as jnp
@@ -87,7 +96,8 @@ def start_batch(args):
     batch = DecodeBatch(model, slots=args.slots, max_len=max_len, n_draft=n_draft,
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
                         mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk,
-                        mixed=0 if n_draft or args.prefill_mesh else min(args.mixed_prefill, max_len), seed=args.seed)
+                        mixed=0 if args.prefill_mesh else mixed_chunk(args.mixed_prefill, max_len, n_draft),
+                        seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s, %s",
              time.perf_counter() - t0, len(batch.buckets), batch.buckets, args.slots, max_len,
