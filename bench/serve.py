@@ -17,8 +17,8 @@ loses more the wider the spread of output lengths in a batch.
   continuous  `Scheduler` + `DecodeBatch` (--slots slots, --steps_per_dispatch steps per dispatch):
               a request is prefilled alone as soon as a slot is free and leaves at its last token.
   mixed J     the same, but a prompt joins the decode steps J tokens per step as extra rows of
-              their forward (`DecodeBatch.mixed`, Sarathi's mixed batch; MTP off only, so these
-              rows are only in the MTP-off half): one per value of --mixed_prefill.
+              their forward (`DecodeBatch.mixed`, Sarathi's mixed batch; serve.py's default, J =
+              32): one per value of --mixed_prefill.
 
 Per request: TTFT = first token - arrival; TPOT = (last token - first token) / (tokens - 1).
 Each system runs --repeats times per rate, alternating with the other, and the run with the
@@ -191,7 +191,7 @@ def main() -> None:
                         "(disaggregation; needs XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     p.add_argument("--mixed_prefill", type=int, nargs="*", default=[32],
                    help="also run continuous batching with prompts joining decode steps this many tokens at a "
-                        "time (DecodeBatch.mixed; MTP off only), one system per value")
+                        "time (DecodeBatch.mixed), one system per value")
     args = p.parse_args()
 
     bench = _decode_bench()
@@ -207,8 +207,7 @@ def main() -> None:
         t = time.perf_counter()
         warm_static(engine, args.slots, args.max_len, n_draft)
         schedulers = {"continuous": start_scheduler(model, tok, args, n_draft)}
-        if not n_draft:
-            schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
+        schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
         names = ["static", *schedulers]
         print(f"  MTP {n_draft}: compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         for rate in map(float, args.rates):
