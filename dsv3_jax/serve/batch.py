@@ -12,8 +12,8 @@ dispatch between chunks: `admit`) and `infer.programs.insert` copies the result 
 (with `--prefill_mesh`, prefill runs on its own devices and the row's latent cache moves to the
 decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs K of infer's steps per
 dispatch over the smallest cache prefix (64, 128, ... T slots) that the rows fill. With `mixed`
-on, a prompt may instead `join`: no prefill program, its chunks ride in the decode dispatches'
-first steps as extra rows of the same forward (`infer.programs.Join`). When a request
+on, a prompt may instead `join`: no prefill program, its chunks ride in decode steps as extra
+rows of the same forward, a chunk per step (`infer.programs.Join`). When a request
 leaves, the host clears the slot's bit in `keep`, which the next decode dispatch applies. The
 slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
