@@ -10,10 +10,11 @@ request's `sink`, a callable the HTTP side provides (it hands events to its asyn
 
 The loop, once the model is loaded and every program compiled (`ready`):
   1. take new requests from the inbox; drop cancelled ones, free the slots of cancelled running ones;
-  2. while a request waits and a slot is free: with mixed prefill on (`--mixed_prefill`, plain
-     decoding), a prompt of at most `--prefill_chunk` tokens joins the next decode dispatches, a
-     chunk riding in each one's first step (Sarathi's mixed batch: the running rows wait for no
-     prefill; its first token comes with the dispatch that carries its last chunk); otherwise it is
+  2. while a request waits and a slot is free: with mixed prefill on (`--mixed_prefill`), a
+     prompt of at most `--prefill_chunk` tokens joins the decode steps, the joining prompts taking
+     turns a chunk per step as extra rows of the step's forward (Sarathi's mixed batch: the running
+     rows wait for no prefill; its first token comes with the dispatch that carries its last
+     chunk); otherwise it is
      prefilled alone and inserted into the slot (its first token streams out at once), a prompt
      longer than `--prefill_chunk` a chunk per iteration, so it stalls the decoding rows for one
      chunk at a time;
