@@ -207,7 +207,8 @@ def main() -> None:
         t = time.perf_counter()
         warm_static(engine, args.slots, args.max_len, n_draft)
         schedulers = {"continuous": start_scheduler(model, tok, args, n_draft)}
-        schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
+        if not args.prefill_device:  # (a prompt that joins the decode steps uses no prefill device)
+            schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
         names = ["static", *schedulers]
         print(f"  MTP {n_draft}: compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         for rate in map(float, args.rates):

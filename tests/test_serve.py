@@ -57,7 +57,6 @@ class FakeBatch:
     def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096, mixed=0):
         self.slots, self.K, self.n_draft, self.context, self.step_s = slots, K, 0, context, step_s
         self.chunk, self.calls, self.mixed, self._joins = chunk, [], mixed, []
-        self.engine = types.SimpleNamespace(disaggregated=False)
         self.cfg = types.SimpleNamespace(vocab_size=128)
         self.gate = threading.Event()
         self.gate.set()

@@ -83,6 +83,19 @@ def served(hf_dir, tmp_path_factory):
         log.close()
 
 
+def emitted(out, slot: int) -> list[int]:
+    """The tokens a decode dispatch's output (`DecodeBatch.decode`) gave `slot`, in order."""
+    return [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
+
+
+def decode_into(batch, got: dict[int, list[int]]):
+    """One dispatch of K = 4 steps; each slot in `got` gets its new tokens appended -> the output."""
+    out = batch.decode(4)
+    for slot in got:
+        got[slot] += emitted(out, slot)
+    return out
+
+
 def _tail(log) -> str:
     log.flush()
     log.seek(0)
@@ -221,7 +234,7 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     first = (list(got), active)
     while active:
         out = batch.decode(4)
-        got += [t for s in range(int(out.steps)) for t in out.tokens[s, 1, : out.count[s, 1]].tolist()]
+        got += emitted(out, 1)
         active = bool(out.active[1])
     assert got == want
     if n_draft == 0:
@@ -262,25 +275,19 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
     got = {0: batch.prefill(0, prompts[0], 12, RowSettings())[0], 2: [], 1: []}
     batch.prefill(1, prompts[2][:9], 50, RowSettings())
 
-    def decode():
-        out = batch.decode(4)
-        for slot in got:
-            got[slot] += [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
-        return out
-
-    decode()
+    decode_into(batch, got)
     batch.free(1)
     got[1] = []
     for slot in (2, 1):
         batch.join(slot, prompts[slot], 12, RowSettings())
-    first = decode()
+    first = decode_into(batch, got)
     assert not first.count[: 4 if mixed == 16 else 1, 1].any()  # steps before slot 1's last chunk
     dispatches = 1
     while batch.joining:
-        decode()
+        decode_into(batch, got)
         dispatches += 1
     assert dispatches == (2 if mixed == 16 else 1)
-    while decode().active.any():
+    while decode_into(batch, got).active.any():
         pass
     assert list(got.values()) == want
     if (mixed, n_draft) == (16, 0):
@@ -319,13 +326,7 @@ def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir,
                         prefill_mesh=prefill_mesh)
     got = {3: batch.prefill(3, [5, 6, 7], 10, RowSettings())[0]}
 
-    def decode():
-        out = batch.decode(4)
-        for slot in got:
-            got[slot] += [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
-        return out
-
-    decode()
+    decode_into(batch, got)
     admission = batch.admit(5, [9, 8, 7, 6, 5], 10, RowSettings())
     while True:
         try:
@@ -333,8 +334,8 @@ def test_decode_slots_on_an_expert_parallel_mesh_give_the_engines_tokens(hf_dir,
         except StopIteration as done:
             got[5] = done.value[0]
             break
-        decode()
-    while decode().active[[3, 5]].any():
+        decode_into(batch, got)
+    while decode_into(batch, got).active[[3, 5]].any():
         pass
     assert [got[3], got[5]] == want
 

@@ -70,7 +70,8 @@ class Joining:
 def stack_joins(chunks: list[list], K: int, width: int) -> tuple[infer_programs.Join, np.ndarray]:
     """Join fields (tokens `width` wide) for up to K steps -> (a Join with a leading [K] axis,
     has_join [K])."""
-    rows = chunks + [[[0] * width, 0, 0, 2, 0, 0, 0]] * (K - len(chunks))
+    unused = [[0] * width, 0, 0, 2, 0, 0, 0]  # the steps past the chunks carry none (has_join False)
+    rows = chunks + [unused] * (K - len(chunks))
     fields = [np.asarray(column, np.int32) for column in zip(*rows)]
     return infer_programs.Join(*fields), np.arange(K) < len(chunks)
 

@@ -245,7 +245,7 @@ class Scheduler:
                 self._free.append(slot)
                 self._fail(req, e)
                 continue
-            if self.batch.mixed and len(p.prompt) <= self.batch.chunk and not self.batch.engine.disaggregated:
+            if self.batch.mixed and len(p.prompt) <= self.batch.chunk:
                 self.batch.join(slot, p.prompt, budget, row)
                 self._joining[slot] = (req, budget)
             else:
