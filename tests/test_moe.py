@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.experts import dense_reference, routed_experts, tile_rows, tiled_routed_experts
+from dsv3_jax.experts import dense_reference, routed_experts, rows_cover_experts, tile_rows, tiled_routed_experts
 from dsv3_jax.moe import expert_load, route, sequence_balance_loss
 
 
@@ -161,3 +161,21 @@ def test_tile_height_follows_the_mean_rows_per_expert():
     gets the mean rows per expert as a power of two, at most 64."""
     assert [tile_rows(n, 16) for n in (4, 16, 17, 32, 100, 4096)] == [1, 1, 2, 2, 8, 64]
     assert tile_rows(8 * 256, 256) == 8 and tile_rows(1, 256) == 1
+
+
+def test_a_few_rows_that_read_every_expert_anyway_run_the_dense_form():
+    """Batch 8 of a 16-expert top-4 model (two copies per expert) runs every expert on every row;
+    fewer copies keep the copy loop, more rows the tiles, and DeepSeek-V3's 256 experts top-8 keep
+    the copy loop for any decode batch under 64 rows."""
+    assert rows_cover_experts(8, 4, 16) and rows_cover_experts(16, 4, 16)
+    assert not rows_cover_experts(4, 4, 16) and not rows_cover_experts(7, 4, 16)  # under 2 copies per expert
+    assert not rows_cover_experts(32, 4, 16)  # a prefill chunk or training batch: E/K x the FLOPs
+    assert not any(rows_cover_experts(n, 8, 256) for n in range(1, 64))
+    rng = np.random.default_rng(3)
+    w1, w2, w3 = _experts(rng, E=16)
+    x = jnp.asarray(rng.normal(size=(8, 16)).astype(np.float32))
+    ids = jnp.asarray(np.stack([rng.choice(16, 4, replace=False) for _ in range(8)]), jnp.int32)
+    gates = jnp.asarray(rng.uniform(size=(8, 4)).astype(np.float32))
+    np.testing.assert_allclose(tiled_routed_experts(x, gates, ids, w1, w2, w3, dtype=jnp.float32),
+                               tiled_routed_experts(x, gates, ids, w1, w2, w3, dtype=jnp.float32, tile=1),
+                               rtol=1e-5, atol=1e-6)
