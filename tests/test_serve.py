@@ -140,7 +140,7 @@ class FakeBatch:
                 was[steps, r], count[steps, r] = True, 1
                 tokens[steps, r, 0] = self._emit(r, self.last[r])
             steps += 1
-        return types.SimpleNamespace(tokens=tokens, count=count, accepted=np.zeros_like(count), was_active=was,
+        return types.SimpleNamespace(tokens=tokens, count=count, accepted=np.zeros_like(count), was_active=was, drafted=np.zeros_like(count),
                                      steps=steps, active=self.active.copy(), remaining=self.left.copy())
 
 

@@ -255,7 +255,8 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
     then 0-15 of the second in the dispatch's 4th step and 16-18 in the next dispatch; in chunks of
     64, one each (mostly pads). Every row gets Engine.generate's greedy tokens, with MTP drafts too
     (the chunks then also fill the MTP caches and the hidden-state ring); the joined rows hold the
-    latent caches a whole-prompt prefill writes; after warmup, joining compiles nothing."""
+    latent caches a whole-prompt prefill writes; after warmup, joining compiles nothing; the MTP
+    drafts counted leave out a joined row's placeholders."""
     import jax
 
     from dsv3_jax import preset
@@ -282,6 +283,12 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
         batch.join(slot, prompts[slot], 12, RowSettings())
     first = decode_into(batch, got)
     assert not first.count[: 4 if mixed == 16 else 1, 1].any()  # steps before slot 1's last chunk
+    # A row's first verification (in its last chunk's step) checks placeholders, not MTP's drafts.
+    drafted = n_draft * first.was_active
+    drafted[(2, 2) if mixed == 16 else (0, 2)] = 0  # slot 2's last chunk
+    if mixed == 64:
+        drafted[1, 1] = 0  # slot 1's (with 16, in the next dispatch)
+    np.testing.assert_array_equal(first.drafted, drafted)
     dispatches = 1
     while batch.joining:
         decode_into(batch, got)

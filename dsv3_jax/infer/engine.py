@@ -281,8 +281,9 @@ class _Run:
         s = self.stats
         s.steps += 1
         s.sequence_steps += int(was.sum())
-        s.drafted += self.n_draft * int(was.sum())
-        s.accepted += int(np.asarray(out.accepted)[was].sum())
+        drafted = np.asarray(out.drafted)
+        s.drafted += int(drafted.sum())
+        s.accepted += int(np.asarray(out.accepted)[drafted > 0].sum())
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, cache_dtype=jnp.bfloat16,

@@ -92,6 +92,7 @@ class StepOutput:
     count: jax.Array  # [B] int32 (0 for inactive sequences; stops after EOS and at the budget)
     accepted: jax.Array  # [B] int32 drafts accepted this step
     was_active: jax.Array  # [B] bool: active when the step began
+    drafted: jax.Array | None = None  # [B] int32 MTP drafts verified (0: inactive, a joined row's placeholders)
     active: jax.Array | None = None  # [B] bool: after the step
     remaining: jax.Array | None = None  # [B] int32: after the step
 
@@ -327,7 +328,10 @@ def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draf
         h, h_chunk = h[:B], h[B:]
     logits = model.logits(h)  # [B,A+1,V]
     a, new = verify(logits, fed[:, 1:], state.draft_probs, state.length, state.seq_id, key, sampling)
-    out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active), state.active,
+    drafted = jnp.where(state.active, n_draft, 0)
+    if join is not None:  # its first verification checks placeholders: not MTP's drafts
+        drafted = drafted.at[join.slot].set(0)
+    out, remaining, active = _finish(StepOutput(new, a + 1, a, state.active, drafted), state.active,
                                      state.remaining, eos_id)
     # Frozen (inactive) rows keep their length and tokens, so they recompute the same thing.
     keep = state.active[:, None]

@@ -50,12 +50,12 @@ class Metrics:
         self.compiled_programs = prom.Gauge("dsv3_compiled_programs", "programs compiled (constant after "
                                             "start-up)", registry=r)
 
-    def observe_dispatch(self, steps: int, was_active, accepted, n_draft: int) -> None:
-        """One decode dispatch: was_active and accepted are [steps, slots] arrays."""
+    def observe_dispatch(self, steps: int, drafted, accepted, n_draft: int) -> None:
+        """One decode dispatch: drafted and accepted are [steps, slots] arrays (`ChunkOutput`)."""
         self.dispatches.inc()
         self.steps.inc(steps)
         if n_draft and steps:
-            drafted, accepted = n_draft * int(was_active.sum()), int(accepted[was_active].sum())
+            drafted, accepted = int(drafted.sum()), int(accepted[drafted > 0].sum())
             self.drafted.inc(drafted)
             self.accepted.inc(accepted)
             self._totals[0] += drafted

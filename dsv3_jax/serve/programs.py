@@ -41,6 +41,7 @@ class ChunkOutput:
     count: jax.Array  # [K,B] int32
     accepted: jax.Array  # [K,B] int32 drafts accepted
     was_active: jax.Array  # [K,B] bool
+    drafted: jax.Array  # [K,B] int32 MTP drafts verified (`StepOutput.drafted`)
     steps: jax.Array  # [] int32: steps run (<= n_steps)
     active: jax.Array  # [B] bool after the last step
     remaining: jax.Array  # [B] int32 after the last step
@@ -63,7 +64,7 @@ def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: R
     state = dataclasses.replace(state, active=state.active & keep)
     B, A1 = state.tokens.shape[0], n_draft + 1
     zeros = jnp.zeros((max_steps, B), jnp.int32)
-    buf = (jnp.zeros((max_steps, B, A1), jnp.int32), zeros, zeros, jnp.zeros((max_steps, B), bool))
+    buf = (jnp.zeros((max_steps, B, A1), jnp.int32), zeros, zeros, jnp.zeros((max_steps, B), bool), zeros)
 
     def run(st, join=None):
         # infer's jitted step, traced inline here (its donation applies only to a dispatch of its own).
@@ -75,7 +76,7 @@ def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: R
             st, out = run(st)
         else:
             st, out = jax.lax.cond(has_join[i], lambda st: run(st, jax.tree.map(lambda x: x[i], joins)), run, st)
-        buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active)))
+        buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active, out.drafted)))
         return i + 1, st, buf
 
     def cond(carry):
