@@ -157,7 +157,7 @@ def run_continuous(scheduler: Scheduler, jobs: list[Job]) -> dict:
     return {**summarise(jobs, t0), "accept": scheduler.metrics.acceptance_rate if scheduler.batch.n_draft else None}
 
 
-def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0) -> Scheduler:
+def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0, prefix_reuse: bool = True) -> Scheduler:
     mesh = prefill_mesh = None
     if args.prefill_device:
         from dsv3_jax.infer.main import make_mesh
@@ -166,7 +166,7 @@ def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0) -> Scheduler
     def start():
         return DecodeBatch(model, slots=args.slots, max_len=args.max_len, n_draft=n_draft,
                            steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.bfloat16, mesh=mesh,
-                           prefill_mesh=prefill_mesh, mixed=mixed), tok
+                           prefill_mesh=prefill_mesh, mixed=mixed, prefix_reuse=prefix_reuse), tok
 
     s = Scheduler(start, max_queue=10_000, metrics=Metrics("bench"))
     s.start()

@@ -19,6 +19,7 @@ import pytest
 
 from dsv3_jax.serve.batch import prompt_buckets
 from dsv3_jax.serve.metrics import Metrics
+from dsv3_jax.serve.programs import ChunkOutput
 from dsv3_jax.serve.scheduler import Delta, Failed, Finished, Params, QueueFull, Scheduler
 from dsv3_jax.serve.server import create_app
 from dsv3_jax.serve.text import TextStream
@@ -51,8 +52,9 @@ class FakeBatch:
     then EOS after "~". A prompt containing "!" fails in prefill; `fail_next_decode` fails one decode
     dispatch; `gate` holds decode dispatches until set. A prompt longer than `chunk` enters in
     chunks (`admit` pauses between them); with `mixed`, a prompt of at most `chunk` tokens joins
-    the decode steps instead (`join`: joining prompts take turns, `mixed` tokens per step). `calls`
-    logs chunks, decode dispatches and, within them, the steps that carry a join, in order."""
+    the decode steps instead (`join`: joining prompts take turns, `mixed` tokens per step), from the
+    positions its slot's last prompt shares with it (`best_slot`: prefix reuse). `calls` logs
+    chunks, decode dispatches and, within them, the steps that carry a join, in order."""
 
     def __init__(self, slots=2, K=4, context=4096, step_s=0.0, chunk=4096, mixed=0):
         self.slots, self.K, self.n_draft, self.context, self.step_s = slots, K, 0, context, step_s
@@ -64,6 +66,8 @@ class FakeBatch:
         self.fail_next_decode = False
         self.last, self.left = np.zeros(slots, int), np.zeros(slots, int)
         self.active, self.eos = np.zeros(slots, bool), np.zeros(slots, int)
+        self.prompts = [[] for _ in range(slots)]  # each slot's last prompt (what its row "holds")
+        self.starts = []  # each join's first position
 
     def warmup(self):
         pass
@@ -81,9 +85,18 @@ class FakeBatch:
         self.active[slot] = False
         self._joins = [j for j in self._joins if j[0] != slot]
 
-    def join(self, slot, prompt, budget, row):
-        assert slot not in self.joining
-        self._joins.append([slot, list(prompt), budget, row])
+    def reusable(self, slot, prompt):
+        held = self.prompts[slot]
+        return next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt) - 1))
+
+    def best_slot(self, free, prompt):
+        return max(((slot, self.reusable(slot, prompt) if self.mixed else 0) for slot in free), key=lambda s: s[1])
+
+    def join(self, slot, prompt, budget, row, start=0):
+        assert slot not in self.joining and start <= self.reusable(slot, prompt)
+        self.prompts[slot] = list(prompt)
+        self.starts.append(start)
+        self._joins.append([slot, list(prompt)[start:], budget, row])
 
     @property
     def joining(self):
@@ -140,8 +153,8 @@ class FakeBatch:
                 was[steps, r], count[steps, r] = True, 1
                 tokens[steps, r, 0] = self._emit(r, self.last[r])
             steps += 1
-        return types.SimpleNamespace(tokens=tokens, count=count, accepted=np.zeros_like(count), was_active=was, drafted=np.zeros_like(count),
-                                     steps=steps, active=self.active.copy(), remaining=self.left.copy())
+        return ChunkOutput(tokens, count, np.zeros_like(count), was, np.zeros_like(count), np.int32(steps),
+                           self.active.copy(), self.left.copy())
 
 
 def run_scheduler(batch, **kw):
@@ -283,9 +296,24 @@ def test_short_prompts_join_decode_steps_in_turn_and_a_long_one_is_prefilled():
             assert done.wait(10) and events[-1].completion_tokens == n
         assert batch.calls[:8] == ["decode", "decode", "join", "join", "join", "join", "decode", "join"]
         batch.calls.clear()
-        assert generate(s, "abcdefg", max_tokens=3)[1].completion_tokens == 3
+        assert generate(s, "pqrstuv", max_tokens=3)[1].completion_tokens == 3  # (no free row holds any of it)
         assert "chunk" in batch.calls and "join" not in batch.calls
         assert first.wait(10)
+    finally:
+        s.stop(10)
+
+
+def test_a_prompt_joins_the_free_row_holding_most_of_it_from_the_first_position_it_does_not_share():
+    """Prefix reuse: a chat's next turn (the conversation so far and more) goes into the row that
+    holds the earlier turn and runs only its new tokens; an unrelated prompt runs whole."""
+    batch = FakeBatch(slots=2, K=4, mixed=2)
+    s = run_scheduler(batch)
+    try:
+        finished = [generate(s, prompt, max_tokens=2)[1] for prompt in ("abcdef", "xy", "abcdefgh", "zzz")]
+        assert [f.completion_tokens for f in finished] == [2] * 4  # one at a time: both slots free for each
+        assert batch.starts == [f.cached_tokens for f in finished] == [0, 0, 6, 0]
+        assert batch.prompts[0] == list(b"abcdefgh") or batch.prompts[1] == list(b"abcdefgh")
+        assert s.metrics.registry.get_sample_value("dsv3_prompt_tokens_reused_total") == 6
     finally:
         s.stop(10)
 
@@ -434,6 +462,7 @@ def test_a_dropped_stream_frees_its_slot_at_once(fake_server):
     assert s.metrics.finished.labels("abort")._value.get() == before + 1
     out = c.completions.create(model="fake", prompt="k", max_tokens=4, temperature=0)
     assert out.choices[0].text == "lmno" and out.usage.completion_tokens == 4
+    assert out.usage.prompt_tokens_details.cached_tokens == 0  # (this batch reuses no prefix)
 
 
 def test_one_failing_request_does_not_disturb_the_others(fake_server):

@@ -83,16 +83,11 @@ def served(hf_dir, tmp_path_factory):
         log.close()
 
 
-def emitted(out, slot: int) -> list[int]:
-    """The tokens a decode dispatch's output (`DecodeBatch.decode`) gave `slot`, in order."""
-    return [t for s in range(int(out.steps)) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
-
-
 def decode_into(batch, got: dict[int, list[int]]):
     """One dispatch of K = 4 steps; each slot in `got` gets its new tokens appended -> the output."""
     out = batch.decode(4)
     for slot in got:
-        got[slot] += emitted(out, slot)
+        got[slot] += out.emitted(slot)
     return out
 
 
@@ -124,7 +119,8 @@ def test_health_is_503_until_compiled_then_200_with_models_and_metrics(served):
 
 
 def test_greedy_output_equals_infer_py_streaming_or_not(served):
-    """MTP speculation in a batch of 8 slots gives infer.py's plain greedy text (no speculation)."""
+    """MTP speculation in a batch of 8 slots gives infer.py's plain greedy text (no speculation), also
+    for a prompt that reuses the latents a freed row holds."""
     c = client(served.url)
     out = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0)
     assert out.choices[0].text == served.infer_text
@@ -133,7 +129,11 @@ def test_greedy_output_equals_infer_py_streaming_or_not(served):
     chunks = list(c.completions.create(model="tiny", prompt=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0,
                                        stream=True, stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == served.infer_text
-    assert chunks[-1].usage == out.usage
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (out.usage.prompt_tokens, out.usage.completion_tokens)
+    # The same prompt again joined the row the first left (prefix reuse): it ran only the last
+    # 1 + 2A positions (A = 1 MTP module), and its text is still infer.py's.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 3
 
 
 def test_seeded_sampling_and_chat_repeat_exactly(served):
@@ -234,7 +234,7 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     first = (list(got), active)
     while active:
         out = batch.decode(4)
-        got += emitted(out, 1)
+        got += out.emitted(1)
         active = bool(out.active[1])
     assert got == want
     if n_draft == 0:
@@ -306,6 +306,49 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
         for joined, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
             np.testing.assert_allclose(np.asarray(joined[:, slot, :n], np.float32),
                                        np.asarray(at_once[:, slot, :n], np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("n_draft", [0, 1])
+def test_a_chats_next_turn_reuses_the_latents_its_row_holds_and_decodes_as_the_engine_does(n_draft):
+    """Prefix reuse: a 30-token prompt decodes 12 tokens in slot 0 and leaves; the next turn (the
+    prompt, 5 of its answer's tokens and 10 new ones) joins slot 0 from position 35 - A, the first
+    whose latents (main and MTP) the row does not hold for it, in one chunk. It gets
+    Engine.generate's tokens for the whole 45-token prompt, and the row then holds what a
+    whole-prompt prefill writes; a prompt sharing nothing reuses nothing."""
+    import jax
+
+    from dsv3_jax import preset
+    from dsv3_jax.infer import Engine
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15, n_mtp_modules=1)
+    model = random_model(cfg, seed=5)
+    rng = np.random.default_rng(6)
+    first = [int(t) for t in rng.integers(1, 128, 30)]
+    batch = DecodeBatch(model, slots=2, max_len=100, n_draft=n_draft, steps_per_dispatch=4, mixed=16)
+    batch.join(0, first, 12, RowSettings())
+    got = {0: []}
+    while decode_into(batch, got).active.any() or batch.joining:
+        pass
+    batch.free(0)
+    second = first + got[0][:5] + [int(t) for t in rng.integers(1, 128, 10)]
+    assert batch.best_slot([1, 0], [0] + second) == (1, 0)  # (the least recently freed when none holds any)
+    slot, start = batch.best_slot([1, 0], second)
+    assert (slot, start) == (0, 35 - n_draft) and batch.held[0] == first + got[0]
+    want = Engine(model).generate([second], max_new_tokens=12, speculative=n_draft).tokens[0]
+    batch.join(0, second, 12, RowSettings(), start=start)
+    got = {0: []}
+    out = decode_into(batch, got)
+    assert out.count[0, 0] > 0 and not batch.joining  # one chunk: its first token in the first step
+    while out.active.any():
+        out = decode_into(batch, got)
+    assert got[0] == want
+    whole = DecodeBatch(model, slots=2, max_len=100, n_draft=n_draft, steps_per_dispatch=4)
+    whole.prefill(0, second, 12, RowSettings())
+    n = len(second)
+    for reused, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+        np.testing.assert_allclose(np.asarray(reused[:, 0, :n], np.float32),
+                                   np.asarray(at_once[:, 0, :n], np.float32), atol=2e-2)
 
 
 @pytest.mark.slow

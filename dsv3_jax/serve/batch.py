@@ -18,6 +18,12 @@ leaves, the host clears the slot's bit in `keep`, which the next decode dispatch
 slot's stale cache needs no clearing: the next prompt overwrites slots 0..S-1 and the causal
 rule of `dsv3_jax.cache` hides everything past a sequence's length.
 
+Prefix reuse: a freed row keeps its latents, and the host remembers their tokens (`held`: the
+prompt and every token emitted, the last one pending, not yet written). A prompt that starts with
+what a free row holds (a shared system prompt; a chat's next turn, which repeats the conversation
+so far) joins that row from the first position it does not share (`reusable`, `best_slot`), so its
+shared part costs nothing: positions are slots, and a latent depends only on the tokens up to it.
+
 Every shape is fixed at start-up (Bd, T, the prompt and cache buckets, the chunk, K steps per
 dispatch), so `warmup` compiles every program once and nothing compiles while serving;
 `compiled_programs` counts them so that a test (and /metrics) can see it stays so.
@@ -53,7 +59,7 @@ class Joining:
     prompt: list[int]
     budget: int
     seq_id: int
-    start: int = 0  # of the next chunk
+    start: int = 0  # of the next chunk (> 0: the row already holds the prompt's latents below it)
 
     def chunk(self, J: int, n_draft: int = 0) -> tuple[list, bool]:
         """The fields of the next J tokens' `infer.programs.Join` (and the n_draft after them,
@@ -88,15 +94,17 @@ class RowSettings:
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
                  cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, prefill_chunk: int = 512, mixed: int = 0,
-                 seed: int = 0):
+                 prefix_reuse: bool = True, seed: int = 0):
         """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
         prefilled row's latent cache moves to `mesh` before its insert), default `mesh`.
         prefill_chunk: prompts longer than this enter in chunks of it (`admit`).
-        mixed: prompts may instead `join` the decode steps, this many tokens in each (0: never)."""
+        mixed: prompts may instead `join` the decode steps, this many tokens in each (0: never).
+        prefix_reuse: a joining prompt starts past what a free row already holds of it (`reusable`)."""
         if mixed < 0 or mixed > max_len or mixed % (n_draft + 1):
             raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens, a "
                               f"multiple of the {n_draft + 1} tokens a decoding row verifies per step")
         self.mixed, self._joins = mixed, []  # prompts joining, first come first served
+        self.prefix_reuse = prefix_reuse
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
@@ -113,6 +121,7 @@ class DecodeBatch:
         # (prompt + tokens emitted by decode steps): the attended prefix each dispatch needs.
         self.active = np.zeros(slots, bool)
         self.length = np.zeros(slots, np.int64)
+        self.held = [[] for _ in range(slots)]  # per row, the tokens of its latents (prefix reuse)
         self.state = self._empty()
 
     @property
@@ -130,6 +139,7 @@ class DecodeBatch:
         self._joins = []
         self.keep[:] = True
         self.active[:] = False
+        self.held = [[] for _ in range(self.slots)]
         self.state = self._empty()
 
     def state_lost(self) -> bool:
@@ -164,7 +174,7 @@ class DecodeBatch:
                                               n_draft=self.n_draft, sampling=row.sampling.rows(1))
         if overlap:
             yield from self._overlap(first)
-        return self._insert(slot, rows, first, len(prompt), row)
+        return self._insert(slot, rows, first, prompt, row)
 
     def _overlap(self, first):
         """With prefill on its own devices (disaggregation), pause until the prefill has finished,
@@ -191,28 +201,54 @@ class DecodeBatch:
                 yield
         return e.hand_off(state), first
 
-    def _insert(self, slot: int, rows, first, prompt_len: int, row: RowSettings) -> tuple[list[int], bool]:
+    def _insert(self, slot: int, rows, first, prompt: list[int], row: RowSettings) -> tuple[list[int], bool]:
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
-        if active:
+        tokens = tokens[0, : count[0]].tolist()
+        if active:  # (a request done at its first token leaves the row as it was)
             self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
             self.rs.set_row(slot, row.sampling)
             self.eos[slot], self.keep[slot] = row.eos_id, True
-            self.active[slot], self.length[slot] = True, prompt_len
-        return tokens[0, : count[0]].tolist(), active
+            self.active[slot], self.length[slot] = True, len(prompt)
+            self.held[slot] = list(prompt) + tokens
+        return tokens, active
 
-    def join(self, slot: int, prompt: list[int], budget: int, row: RowSettings) -> None:
+    def reusable(self, slot: int, prompt: list[int]) -> int:
+        """How many of the prompt's first positions `slot`'s row already holds the latents of, for a
+        join to start past them (0 without mixed prefill, which is how a prompt enters a row that
+        holds something; and without `prefix_reuse`). At most the shared prefix less the A tokens the MTP modules read ahead (a
+        position's MTP latent embeds the tokens after it), the row's written positions (its last
+        token is pending), and the prompt's length less 1 + 2A: its pending token is run, and its
+        chunks rewrite the 2A hidden states a draft window reads."""
+        held, A = self.held[slot], self.n_draft
+        if not (self.mixed and self.prefix_reuse) or slot in self.joining:
+            return 0
+        shared = next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt)))
+        return max(0, min(shared - A, len(held) - 1, len(prompt) - 1 - 2 * A))
+
+    def best_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
+        """Of the free slots (least recently freed first), the one holding the longest prefix of
+        `prompt` -> (slot, positions reusable); the least recently freed when none holds any, so
+        that what the others hold stays the longest."""
+        return max(((slot, self.reusable(slot, prompt)) for slot in free), key=lambda s: s[1])
+
+    def join(self, slot: int, prompt: list[int], budget: int, row: RowSettings, start: int = 0) -> None:
         """Let `prompt` into `slot` through the next decode dispatches, `mixed` tokens of it riding
         in a step's forward (`infer.programs.Join`: Sarathi's mixed batch). The decoding rows wait
         for no prefill of its own; its chunks share their steps' weight reads. Joining prompts take
         turns in arrival order, a chunk per step; the step that carries a prompt's last chunk emits
-        its first token in the slot's row, which decodes from the next step on."""
+        its first token in the slot's row, which decodes from the next step on. start: the first
+        position to run, at most `reusable` (the row holds the latents below it)."""
         if slot in self.joining:
             raise RuntimeError(f"slot {slot} is already joining")
+        if not 0 <= start <= self.reusable(slot, prompt):
+            raise ValueError(f"start={start}: slot {slot} holds the latents of {self.reusable(slot, prompt)} "
+                             f"positions of this prompt")
+        self.held[slot] = []  # its chunks overwrite the row from `start`
         self.rs.set_row(slot, row.sampling)
         # keep stays off until its last chunk has run: a row the host let go may still be active
         # on the device, and must not decode on until the chunk takes the row over
         self.eos[slot], self.keep[slot], self.active[slot] = row.eos_id, False, False
-        self._joins.append(Joining(slot, list(prompt), budget, row.seq_id))
+        self._joins.append(Joining(slot, list(prompt), budget, row.seq_id, start))
 
     @property
     def joining(self) -> list[int]:
@@ -236,13 +272,16 @@ class DecodeBatch:
         longest = int(length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
         out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len),
                              stack_joins(chunks, self.K, self.mixed + self.n_draft) if chunks else None)
-        self.keep[joined] = True
+        for j in joined:
+            self.keep[j.slot], self.held[j.slot] = True, list(j.prompt)
         self.length += out.count.sum(axis=0)
         self.active = out.active.copy()
+        for slot in np.flatnonzero(out.count.any(axis=0)):
+            self.held[slot] += out.emitted(slot)
         return out
 
-    def _schedule(self, n: int) -> tuple[list, list[int], np.ndarray, np.ndarray]:
-        """The joining prompts' chunks for n steps, one per step -> (their Join fields, the slots
+    def _schedule(self, n: int) -> tuple[list, list[Joining], np.ndarray, np.ndarray]:
+        """The joining prompts' chunks for n steps, one per step -> (their Join fields, the prompts
         whose last chunk is among them; per row, the highest position the dispatch may write from,
         and whether it may write at all)."""
         chunks, joined, length, live = [], [], self.length.copy(), self.active & self.keep
@@ -253,7 +292,7 @@ class DecodeBatch:
             length[j.slot], live[j.slot] = j.start, True  # its chunk's and pending token's positions
             if last:  # it decodes from its pending token, the prompt's last, onwards
                 self.length[j.slot] = len(j.prompt) - 1
-                joined.append(self._joins.pop(0).slot)
+                joined.append(self._joins.pop(0))
         return chunks, joined, length, live
 
     def _dispatch(self, n_steps: int, kv_len: int, joins=None) -> programs.ChunkOutput:
@@ -280,6 +319,7 @@ class DecodeBatch:
                 self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed + self.n_draft))
         self.free(0)
         self.active[:] = False
+        self.held[0] = []
 
     def compiled_programs(self) -> int:
         return sum(f._cache_size() for f in (infer_programs.prefill, infer_programs.prefill_chunk, programs.decode,

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a prompt of at most --prefill_chunk tokens joins the decode steps this many tokens "
                         "per step (Sarathi's mixed batch: no prefill of its own for the running requests to wait "
                         "for); 0: prefill it alone. Not with --prefill_mesh (where prefill has devices of its own)")
+    p.add_argument("--no_prefix_reuse", dest="prefix_reuse", action="store_false",
+                   help="run every joining prompt whole; by default a prompt starts past the prefix a free "
+                        "slot's latents already hold (a shared system prompt, a chat's earlier turns)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
@@ -97,7 +100,7 @@ def start_batch(args):
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
                         mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk,
                         mixed=0 if args.prefill_mesh else mixed_chunk(args.mixed_prefill, max_len, n_draft),
-                        seed=args.seed)
+                        prefix_reuse=args.prefix_reuse, seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s, %s",
              time.perf_counter() - t0, len(batch.buckets), batch.buckets, args.slots, max_len,

@@ -29,7 +29,10 @@ class Metrics:
                                      ["endpoint", "status"], registry=r)
         self.finished = prom.Counter("dsv3_requests_finished", "generations ended, by reason "
                                      "(stop, length, abort = client gone, error)", ["reason"], registry=r)
-        self.prompt_tokens = prom.Counter("dsv3_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prompt_tokens = prom.Counter("dsv3_prompt_tokens", "prompt tokens of the requests started "
+                                          "(reused ones too)", registry=r)
+        self.reused_tokens = prom.Counter("dsv3_prompt_tokens_reused", "prompt tokens whose latents a freed "
+                                          "row still held (prefix reuse: not run again)", registry=r)
         self.generation_tokens = prom.Counter("dsv3_generation_tokens", "tokens generated", registry=r)
         self.queue_length = prom.Gauge("dsv3_queue_length", "requests waiting for a decode slot", registry=r)
         self.slots_busy = prom.Gauge("dsv3_slots_busy", "decode slots holding a request", registry=r)

@@ -46,6 +46,10 @@ class ChunkOutput:
     active: jax.Array  # [B] bool after the last step
     remaining: jax.Array  # [B] int32 after the last step
 
+    def emitted(self, slot: int) -> list[int]:
+        """The tokens `slot` emitted over the steps run, in order (on the host's numpy copy)."""
+        return [t for s in range(int(self.steps)) for t in self.tokens[s, slot, : self.count[s, slot]].tolist()]
+
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh", "kv_len"),
                    donate_argnums=(2,))

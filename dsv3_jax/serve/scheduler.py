@@ -10,8 +10,10 @@ request's `sink`, a callable the HTTP side provides (it hands events to its asyn
 
 The loop, once the model is loaded and every program compiled (`ready`):
   1. take new requests from the inbox; drop cancelled ones, free the slots of cancelled running ones;
-  2. while a request waits and a slot is free: with mixed prefill on (`--mixed_prefill`), a
-     prompt of at most `--prefill_chunk` tokens joins the decode steps, the joining prompts taking
+  2. while a request waits and a slot is free: take the free slot whose row holds the longest
+     prefix of its prompt (`DecodeBatch.best_slot`: prefix reuse); with mixed prefill on
+     (`--mixed_prefill`), a prompt of at most `--prefill_chunk` tokens past that prefix joins the
+     decode steps from there, the joining prompts taking
      turns a chunk per step as extra rows of the step's forward (Sarathi's mixed batch: the running
      rows wait for no prefill; its first token comes with the dispatch that carries its last
      chunk); otherwise it is
@@ -83,6 +85,7 @@ class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt's, whose latents its row already held (prefix reuse)
 
 
 @dataclasses.dataclass
@@ -102,6 +105,7 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_at = self.last_token_at = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt positions its row already held
         self.budget = params.max_tokens  # max_tokens within the context
         self.text: TextStream | None = None
         self.done = False
@@ -120,7 +124,7 @@ class Scheduler:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # slot -> request
-        self._free: list[int] = []
+        self._free: list[int] = []  # least recently freed first (`DecodeBatch.best_slot`)
         # a long prompt entering its slot chunk by chunk: (request, slot, DecodeBatch.admit generator, budget)
         self._filling: tuple | None = None
         # prompts joining decode dispatches (DecodeBatch.join): slot -> (request, budget)
@@ -175,7 +179,7 @@ class Scheduler:
         try:
             self.batch, self.tokenizer = self._start_batch()
             self.batch.warmup()
-            self._free = list(range(self.batch.slots))[::-1]
+            self._free = list(range(self.batch.slots))
         except Exception as e:  # noqa: BLE001 - reported to the user as the server's exit reason
             if not isinstance(e, UserError):
                 traceback.print_exc()
@@ -233,8 +237,9 @@ class Scheduler:
             self._advance()
         while self._waiting and self._free and self._filling is None:
             req = self._waiting.popleft()
-            slot = self._free.pop()
             p = req.params
+            slot, reused = self.batch.best_slot(self._free, p.prompt)  # the row holding most of the prompt
+            self._free.remove(slot)
             budget = min(p.max_tokens, self.batch.context - len(p.prompt))
             seed = p.seed if p.seed is not None else self._seeds.getrandbits(31)
             row = RowSettings(SamplingConfig(p.temperature, p.top_k, p.top_p), seq_id=seed & 0x7FFFFFFF,
@@ -245,9 +250,11 @@ class Scheduler:
                 self._free.append(slot)
                 self._fail(req, e)
                 continue
-            if self.batch.mixed and len(p.prompt) <= self.batch.chunk:
-                self.batch.join(slot, p.prompt, budget, row)
-                self._joining[slot] = (req, budget)
+            if self.batch.mixed and len(p.prompt) - reused <= self.batch.chunk:
+                self.batch.join(slot, p.prompt, budget, row, start=reused)
+                self._joining[slot], req.cached_tokens = (req, budget), reused
+                if self.metrics is not None:
+                    self.metrics.reused_tokens.inc(reused)
             else:
                 self._filling = (req, slot, self.batch.admit(slot, p.prompt, budget, row), budget)
                 self._advance()
@@ -297,7 +304,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.observe_dispatch(steps, out.drafted[:steps], out.accepted[:steps], self.batch.n_draft)
         for slot, req in list(self._running.items()):
-            new = [t for s in range(steps) for t in out.tokens[s, slot, : out.count[s, slot]].tolist()]
+            new = out.emitted(slot)
             self._deliver(req, slot, new, now, still_active=bool(out.active[slot]))
 
     def _deliver(self, req: Request, slot: int, tokens: list[int], now: float, *, still_active: bool) -> None:
@@ -355,7 +362,7 @@ class Scheduler:
         rest = req.text.flush()
         if rest:
             req.sink(Delta(rest, []))
-        req.sink(Finished(reason, len(req.params.prompt), req.completion_tokens))
+        req.sink(Finished(reason, len(req.params.prompt), req.completion_tokens, req.cached_tokens))
 
     def _fail(self, req: Request, e: Exception) -> None:
         if not req.done:
@@ -381,7 +388,7 @@ class Scheduler:
         for req, _ in self._joining.values():
             self._fail(req, e)
         self._joining.clear()
-        self._free = list(range(self.batch.slots))[::-1]
+        self._free = list(range(self.batch.slots))
         self.batch.reset()
 
     def _update_gauges(self) -> None:

@@ -94,7 +94,7 @@ async def _stream(service: Service, req, events: asyncio.Queue, reply: Reply, pa
             if isinstance(event, Finished):
                 yield _sse(reply.chunk(None, event.reason, include_usage=usage_too))
                 if usage_too:
-                    yield _sse(reply.usage_chunk(Reply.usage(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(reply.usage_chunk(Reply.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)))
             else:  # Failed: the API's error object as an event, which clients raise
                 yield _sse(APIError(event.message, type="server_error", status=500).body())
             yield "data: [DONE]\n\n"
@@ -119,7 +119,7 @@ async def _complete(service: Service, request: Request, req, events: asyncio.Que
                 continue
             over = True
             if isinstance(event, Finished):
-                usage = Reply.usage(event.prompt_tokens, event.completion_tokens)
+                usage = Reply.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                 return JSONResponse(reply.complete("".join(parts), event.reason, usage))
             raise APIError(event.message, type="server_error", status=500)
     finally:
