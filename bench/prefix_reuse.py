@@ -1,5 +1,6 @@
-"""Prefix reuse under a chat workload: the server with and without `DecodeBatch.prefix_reuse`, on the
-same conversations, in one run.
+"""Prefix reuse under a chat workload: the server without prefix reuse, with it in the decode rows only
+(`DecodeBatch.prefix_reuse`), and with a prefix pool of --slots rows beside them (`prefix_pool`),
+on the same conversations, in one run.
 
 --conversations chats run at once over --slots decode slots, each --turns turns long, closed loop: a
 turn is sent when the previous one's answer is complete. Every conversation starts with the same
@@ -7,7 +8,8 @@ turn is sent when the previous one's answer is complete. Every conversation star
 prompt, earlier user messages and answers) and a new user message of 16-48 tokens; answers are 16-64
 tokens (uniform; greedy, EOS ignored). This is what an OpenAI-style chat client sends: the whole
 conversation every turn. With reuse on, a turn joins a free row that holds a prefix of it (its own
-earlier turn, or another conversation's system prompt) from the first position it does not share.
+earlier turn, or another conversation's system prompt) from the first position it does not share;
+with the pool, a row's conversation is saved before another takes the row and restored for its next turn.
 
 Reported per system (best of --repeats, alternating): output tokens/s, TTFT p50/p99, TPOT p50/p99,
 and the fraction of prompt tokens reused. The model, tokenizer and measurement are bench/serve.py's
@@ -111,8 +113,8 @@ def main() -> None:
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; {args.conversations} conversations x {args.turns} turns, "
           f"system prompt {args.system} tokens, {args.slots} slots, mixed prefill {args.mixed_prefill}, "
           f"max_len {args.max_len}", flush=True)
-    systems = {name: serve.start_scheduler(model, tok, args, 0, args.mixed_prefill, prefix_reuse=on)
-               for name, on in (("reuse off", False), ("reuse on", True))}
+    systems = {name: serve.start_scheduler(model, tok, args, 0, args.mixed_prefill, prefix_reuse=on, prefix_pool=pool)
+               for name, on, pool in (("off", False, 0), ("rows", True, 0), (f"rows + pool {args.slots}", True, args.slots))}
     best = {}
     for _ in range(args.repeats):
         for name, scheduler in systems.items():
@@ -124,12 +126,15 @@ def main() -> None:
         scheduler.stop(30)
     print("\n| prefix reuse | throughput (tok/s) | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | prompt tokens reused |")
     print("|---|---|---|---|---|")
+    off = best["off"]
     for name, r in best.items():
-        print(f"| {name.split()[1]} | {r['throughput']:.0f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
+        print(f"| {name} | {r['throughput']:.0f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
               f"{1e3 * r['tpot_p50']:.1f} / {1e3 * r['tpot_p99']:.1f} | {r['reused']:.0%} |")
-    on, off = best["reuse on"], best["reuse off"]
-    print(f"reuse on / off: throughput {on['throughput'] / off['throughput']:.2f}x, TTFT p50 "
-          f"{off['ttft_p50'] / on['ttft_p50']:.2f}x lower; load average {os.getloadavg()[0]:.1f}")
+    for name, r in best.items():
+        if name != "off":
+            print(f"{name} / off: throughput {r['throughput'] / off['throughput']:.2f}x, TTFT p50 "
+                  f"{off['ttft_p50'] / r['ttft_p50']:.2f}x lower")
+    print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def run_continuous(scheduler: Scheduler, jobs: list[Job]) -> dict:
     return {**summarise(jobs, t0), "accept": scheduler.metrics.acceptance_rate if scheduler.batch.n_draft else None}
 
 
-def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0, prefix_reuse: bool = True) -> Scheduler:
+def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0, prefix_reuse: bool = True,
+                    prefix_pool: int = 0) -> Scheduler:
     mesh = prefill_mesh = None
     if args.prefill_device:
         from dsv3_jax.infer.main import make_mesh
@@ -166,7 +167,8 @@ def start_scheduler(model, tok, args, n_draft: int, mixed: int = 0, prefix_reuse
     def start():
         return DecodeBatch(model, slots=args.slots, max_len=args.max_len, n_draft=n_draft,
                            steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.bfloat16, mesh=mesh,
-                           prefill_mesh=prefill_mesh, mixed=mixed, prefix_reuse=prefix_reuse), tok
+                           prefill_mesh=prefill_mesh, mixed=mixed, prefix_reuse=prefix_reuse,
+                           prefix_pool=prefix_pool), tok
 
     s = Scheduler(start, max_queue=10_000, metrics=Metrics("bench"))
     s.start()

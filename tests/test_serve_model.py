@@ -91,6 +91,23 @@ def decode_into(batch, got: dict[int, list[int]]):
     return out
 
 
+def assert_row_as_prefilled(batch, slot: int, prompt: list[int], model, n_draft: int, n: int | None = None):
+    """`slot`'s latent caches (main and MTP) over the prompt's first n positions (default all) equal
+    what a whole-prompt prefill writes (bf16 caches: 2e-2) -> that prefill's first tokens and state."""
+    import jax
+
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    whole = DecodeBatch(model, slots=batch.slots, max_len=batch.max_len, n_draft=n_draft, steps_per_dispatch=4,
+                        prefill_chunk=batch.max_len)
+    first = whole.prefill(slot, prompt, 12, RowSettings())
+    n = len(prompt) if n is None else n
+    for got, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
+        np.testing.assert_allclose(np.asarray(got[:, slot, :n], np.float32),
+                                   np.asarray(at_once[:, slot, :n], np.float32), atol=2e-2)
+    return first
+
+
 def _tail(log) -> str:
     log.flush()
     log.seek(0)
@@ -208,8 +225,6 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     slot 1 holds the latent cache a whole-prompt prefill writes and gets Engine.generate's greedy
     tokens, with and without MTP drafts (whose caches are written chunk by chunk); after
     warmup, admitting it compiles nothing."""
-    import jax
-
     from dsv3_jax import preset
     from dsv3_jax.infer import Engine
     from dsv3_jax.serve.batch import DecodeBatch, RowSettings
@@ -239,11 +254,7 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_the_engine_does(n_draft):
     assert got == want
     if n_draft == 0:
         assert batch.compiled_programs() == compiled  # warmup compiled every chunk's program
-    whole = DecodeBatch(model, slots=2, max_len=180, n_draft=n_draft, steps_per_dispatch=4, prefill_chunk=256)
-    assert whole.prefill(1, prompt, 8, RowSettings()) == first
-    for chunked, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
-        np.testing.assert_allclose(np.asarray(chunked[:, 1, :150], np.float32),  # decoding wrote slots 150+
-                                   np.asarray(at_once[:, 1, :150], np.float32), atol=2e-2)
+    assert assert_row_as_prefilled(batch, 1, prompt, model, n_draft, n=150) == first  # decoding wrote 150+
 
 
 @pytest.mark.parametrize("mixed, n_draft", [(16, 0), (64, 0), (16, 1)])
@@ -257,8 +268,6 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
     (the chunks then also fill the MTP caches and the hidden-state ring); the joined rows hold the
     latent caches a whole-prompt prefill writes; after warmup, joining compiles nothing; the MTP
     drafts counted leave out a joined row's placeholders."""
-    import jax
-
     from dsv3_jax import preset
     from dsv3_jax.infer import Engine
     from dsv3_jax.serve.batch import DecodeBatch, RowSettings
@@ -299,13 +308,8 @@ def test_prompts_joining_decode_steps_decode_as_the_engine_does(mixed, n_draft):
     assert list(got.values()) == want
     if (mixed, n_draft) == (16, 0):
         assert batch.compiled_programs() == compiled
-    whole = DecodeBatch(model, slots=3, max_len=100, n_draft=n_draft, steps_per_dispatch=4)
     for slot in (2, 1):
-        whole.prefill(slot, prompts[slot], 12, RowSettings())
-        n = len(prompts[slot])
-        for joined, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
-            np.testing.assert_allclose(np.asarray(joined[:, slot, :n], np.float32),
-                                       np.asarray(at_once[:, slot, :n], np.float32), atol=2e-2)
+        assert_row_as_prefilled(batch, slot, prompts[slot], model, n_draft)
 
 
 @pytest.mark.parametrize("n_draft", [0, 1])
@@ -315,8 +319,6 @@ def test_a_chats_next_turn_reuses_the_latents_its_row_holds_and_decodes_as_the_e
     whose latents (main and MTP) the row does not hold for it, in one chunk. It gets
     Engine.generate's tokens for the whole 45-token prompt, and the row then holds what a
     whole-prompt prefill writes; a prompt sharing nothing reuses nothing."""
-    import jax
-
     from dsv3_jax import preset
     from dsv3_jax.infer import Engine
     from dsv3_jax.serve.batch import DecodeBatch, RowSettings
@@ -343,12 +345,47 @@ def test_a_chats_next_turn_reuses_the_latents_its_row_holds_and_decodes_as_the_e
     while out.active.any():
         out = decode_into(batch, got)
     assert got[0] == want
-    whole = DecodeBatch(model, slots=2, max_len=100, n_draft=n_draft, steps_per_dispatch=4)
-    whole.prefill(0, second, 12, RowSettings())
-    n = len(second)
-    for reused, at_once in zip(jax.tree.leaves(batch.state.cache), jax.tree.leaves(whole.state.cache)):
-        np.testing.assert_allclose(np.asarray(reused[:, 0, :n], np.float32),
-                                   np.asarray(at_once[:, 0, :n], np.float32), atol=2e-2)
+    assert_row_as_prefilled(batch, 0, second, model, n_draft)
+
+
+@pytest.mark.parametrize("n_draft", [0, 1])
+def test_a_prefix_pool_keeps_a_conversation_its_row_lost_and_restores_it_for_the_next_turn(n_draft):
+    """One slot and a prefix pool of one row: conversation A's first turn decodes in the slot; an
+    unrelated prompt B takes the slot (A's row is saved to the pool first); A's next turn is
+    restored from the pool into the slot and joins from position 35 - A, giving Engine.generate's
+    tokens and the latents a whole-prompt prefill writes (main and MTP caches)."""
+    from dsv3_jax import preset
+    from dsv3_jax.infer import Engine
+    from dsv3_jax.serve.batch import DecodeBatch, RowSettings
+
+    cfg = preset("tiny", vocab_size=128, max_seq_len=256, init_std=0.15, n_mtp_modules=1)
+    model = random_model(cfg, seed=5)
+    rng = np.random.default_rng(6)
+    a, b = ([int(t) for t in rng.integers(1, 128, n)] for n in (30, 20))
+    answer_a = Engine(model).generate([a], max_new_tokens=12, speculative=n_draft).tokens[0]
+    second = a + answer_a[:5] + [int(t) for t in rng.integers(1, 128, 10)]
+    want = Engine(model).generate([second], max_new_tokens=12, speculative=n_draft).tokens[0]
+    batch = DecodeBatch(model, slots=1, max_len=100, n_draft=n_draft, steps_per_dispatch=4, mixed=16, prefix_pool=1)
+    batch.warmup()
+    compiled = batch.compiled_programs()
+
+    def run(prompt, start=0):
+        batch.join(0, prompt, 12, RowSettings(), start=start)
+        got = {0: []}
+        while decode_into(batch, got).active.any() or batch.joining:
+            pass
+        batch.free(0)
+        return got[0]
+
+    assert run(a) == answer_a
+    assert batch.best_slot([0], b) == (0, 0)
+    run(b)
+    assert batch.pool_held[0] == a + answer_a and batch.held[0][:20] == b
+    assert batch.best_slot([0], second) == (0, 35 - n_draft)  # from the pool
+    assert run(second, start=35 - n_draft) == want
+    assert batch.pool_held[0] == a + answer_a  # (B's row was not kept: the pool's one row was restoring A)
+    assert batch.compiled_programs() == compiled
+    assert_row_as_prefilled(batch, 0, second, model, n_draft)
 
 
 @pytest.mark.slow

@@ -23,6 +23,10 @@ prompt and every token emitted, the last one pending, not yet written). A prompt
 what a free row holds (a shared system prompt; a chat's next turn, which repeats the conversation
 so far) joins that row from the first position it does not share (`reusable`, `best_slot`), so its
 shared part costs nothing: positions are slots, and a latent depends only on the tokens up to it.
+With a prefix pool (`prefix_pool` rows of the same caches, not decoded), a row's content is saved
+there before a prompt that does not continue it overwrites it, and restored into a free row for a
+prompt that starts with it (`copy_row`, least recently used pool row first): more conversations
+than slots keep their prefixes.
 
 Every shape is fixed at start-up (Bd, T, the prompt and cache buckets, the chunk, K steps per
 dispatch), so `warmup` compiles every program once and nothing compiles while serving;
@@ -37,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.cache import cache_shardings, init_cache
 from dsv3_jax.errors import ConfigError
 from dsv3_jax.infer import programs as infer_programs
 from dsv3_jax.infer.engine import Engine
@@ -94,17 +99,18 @@ class RowSettings:
 class DecodeBatch:
     def __init__(self, model, *, slots: int, max_len: int, n_draft: int, steps_per_dispatch: int,
                  cache_dtype=jnp.bfloat16, mesh=None, prefill_mesh=None, prefill_chunk: int = 512, mixed: int = 0,
-                 prefix_reuse: bool = True, seed: int = 0):
+                 prefix_reuse: bool = True, prefix_pool: int = 0, seed: int = 0):
         """mesh: the decode batch's; prefill_mesh: prefill on other devices (disaggregation: the
         prefilled row's latent cache moves to `mesh` before its insert), default `mesh`.
         prefill_chunk: prompts longer than this enter in chunks of it (`admit`).
         mixed: prompts may instead `join` the decode steps, this many tokens in each (0: never).
-        prefix_reuse: a joining prompt starts past what a free row already holds of it (`reusable`)."""
+        prefix_reuse: a joining prompt starts past what a free row already holds of it (`reusable`).
+        prefix_pool: rows that keep what freed rows held once they are reused (0: none)."""
         if mixed < 0 or mixed > max_len or mixed % (n_draft + 1):
             raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens, a "
                               f"multiple of the {n_draft + 1} tokens a decoding row verifies per step")
         self.mixed, self._joins = mixed, []  # prompts joining, first come first served
-        self.prefix_reuse = prefix_reuse
+        self.prefix_reuse, self.pool_rows = prefix_reuse, prefix_pool
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
@@ -123,6 +129,7 @@ class DecodeBatch:
         self.length = np.zeros(slots, np.int64)
         self.held = [[] for _ in range(slots)]  # per row, the tokens of its latents (prefix reuse)
         self.state = self._empty()
+        self._empty_pool()
 
     @property
     def context(self) -> int:
@@ -134,6 +141,13 @@ class DecodeBatch:
                                            cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
         return infer_programs.place(state, self.mesh)
 
+    def _empty_pool(self) -> None:
+        """The prefix pool's rows (`copy_row`), least recently used first, none holding anything."""
+        self.pool_held, self.pool_lru = [[] for _ in range(self.pool_rows)], list(range(self.pool_rows))
+        cache = init_cache(self.cfg, self.pool_rows, self.max_len, self.cache_dtype, self.n_draft)
+        self.pool = (jax.device_put(cache, jax.devices()[0]) if self.mesh is None
+                     else jax.device_put(cache, cache_shardings(cache, self.mesh))) if self.pool_rows else None
+
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
         self._joins = []
@@ -141,6 +155,7 @@ class DecodeBatch:
         self.active[:] = False
         self.held = [[] for _ in range(self.slots)]
         self.state = self._empty()
+        self._empty_pool()
 
     def state_lost(self) -> bool:
         return any(x.is_deleted() for x in jax.tree.leaves(self.state))
@@ -174,6 +189,7 @@ class DecodeBatch:
                                               n_draft=self.n_draft, sampling=row.sampling.rows(1))
         if overlap:
             yield from self._overlap(first)
+        self._stash(slot, prompt)
         return self._insert(slot, rows, first, prompt, row)
 
     def _overlap(self, first):
@@ -219,17 +235,55 @@ class DecodeBatch:
         position's MTP latent embeds the tokens after it), the row's written positions (its last
         token is pending), and the prompt's length less 1 + 2A: its pending token is run, and its
         chunks rewrite the 2A hidden states a draft window reads."""
-        held, A = self.held[slot], self.n_draft
-        if not (self.mixed and self.prefix_reuse) or slot in self.joining:
+        return 0 if slot in self.joining else self._reuse(self.held[slot], prompt)
+
+    def _reuse(self, held: list[int], prompt: list[int]) -> int:
+        """`reusable` for a row holding the latents of `held`."""
+        if not (self.mixed and self.prefix_reuse):
             return 0
+        A = self.n_draft
         shared = next((i for i, (a, b) in enumerate(zip(held, prompt)) if a != b), min(len(held), len(prompt)))
         return max(0, min(shared - A, len(held) - 1, len(prompt) - 1 - 2 * A))
+
+    def _pooled(self, prompt: list[int]) -> tuple[int, int]:
+        """The prefix pool's row holding the longest prefix of `prompt` -> (row, positions reusable)."""
+        return max(((r, self._reuse(held, prompt)) for r, held in enumerate(self.pool_held)), key=lambda s: s[1],
+                   default=(-1, 0))
 
     def best_slot(self, free: list[int], prompt: list[int]) -> tuple[int, int]:
         """Of the free slots (least recently freed first), the one holding the longest prefix of
         `prompt` -> (slot, positions reusable); the least recently freed when none holds any, so
-        that what the others hold stays the longest."""
-        return max(((slot, self.reusable(slot, prompt)) for slot in free), key=lambda s: s[1])
+        that what the others hold stays the longest, or when a prefix pool row holds more (`join`
+        restores it there)."""
+        slot, reuse = max(((slot, self.reusable(slot, prompt)) for slot in free), key=lambda s: s[1])
+        pooled = self._pooled(prompt)[1]
+        return (free[0], pooled) if pooled > reuse else (slot, reuse)
+
+    def _stash(self, slot: int, prompt: list[int], spare: int = -1) -> None:
+        """Before `prompt` overwrites `slot`'s row: save what the row holds into the least recently
+        used pool row (not `spare`), unless the prompt repeats it all (the row keeps it), a pool row
+        has it already, or it is at most one chunk (run again in one step)."""
+        held = self.held[slot]
+        if (not self.pool_rows or not self._reuse(held, held) or len(held) <= self.mixed
+                or prompt[: len(held) - 1] == held[:-1] or any(h[: len(held) - 1] == held[:-1] for h in self.pool_held)):
+            return
+        r = next((r for r in self.pool_lru if r != spare), None)
+        if r is None:
+            return
+        with infer_programs.on_mesh(self.mesh):
+            self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(r), np.int32(slot), mesh=self.mesh)
+        self.pool_held[r] = list(held)
+        self.pool_lru.remove(r)
+        self.pool_lru.append(r)
+
+    def _restore(self, slot: int, r: int) -> None:
+        """Pool row r's latents into `slot`'s row."""
+        with infer_programs.on_mesh(self.mesh):
+            cache = programs.copy_row(self.state.cache, self.pool, np.int32(slot), np.int32(r), mesh=self.mesh)
+        self.state = dataclasses.replace(self.state, cache=cache)
+        self.held[slot] = list(self.pool_held[r])
+        self.pool_lru.remove(r)
+        self.pool_lru.append(r)
 
     def join(self, slot: int, prompt: list[int], budget: int, row: RowSettings, start: int = 0) -> None:
         """Let `prompt` into `slot` through the next decode dispatches, `mixed` tokens of it riding
@@ -240,9 +294,13 @@ class DecodeBatch:
         position to run, at most `reusable` (the row holds the latents below it)."""
         if slot in self.joining:
             raise RuntimeError(f"slot {slot} is already joining")
-        if not 0 <= start <= self.reusable(slot, prompt):
-            raise ValueError(f"start={start}: slot {slot} holds the latents of {self.reusable(slot, prompt)} "
-                             f"positions of this prompt")
+        own, (r, pooled) = self.reusable(slot, prompt), self._pooled(prompt)
+        if not 0 <= start <= max(own, pooled):
+            raise ValueError(f"start={start}: slot {slot} holds the latents of {own} positions of this prompt, "
+                             f"the prefix pool {pooled}")
+        self._stash(slot, prompt, spare=r if start > own else -1)
+        if start > own:
+            self._restore(slot, r)
         self.held[slot] = []  # its chunks overwrite the row from `start`
         self.rs.set_row(slot, row.sampling)
         # keep stays off until its last chunk has run: a row the host let go may still be active
@@ -317,10 +375,15 @@ class DecodeBatch:
             if self.mixed:  # a final chunk into slot 0
                 chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed, self.n_draft)[0]
                 self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed + self.n_draft))
+        if self.pool_rows:  # both directions of copy_row
+            with infer_programs.on_mesh(self.mesh):
+                self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(0), np.int32(0), mesh=self.mesh)
+            self._restore(0, 0)
+            self._empty_pool()
         self.free(0)
         self.active[:] = False
         self.held[0] = []
 
     def compiled_programs(self) -> int:
         return sum(f._cache_size() for f in (infer_programs.prefill, infer_programs.prefill_chunk, programs.decode,
-                                             infer_programs.insert))
+                                             infer_programs.insert, programs.copy_row))

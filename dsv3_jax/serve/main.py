@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_prefix_reuse", dest="prefix_reuse", action="store_false",
                    help="run every joining prompt whole; by default a prompt starts past the prefix a free "
                         "slot's latents already hold (a shared system prompt, a chat's earlier turns)")
+    p.add_argument("--prefix_pool", type=int, default=None,
+                   help="cache rows (beside the --slots decoding ones) that keep the prefixes freed rows held "
+                        "once new prompts take those rows, least recently used first (default: as many as "
+                        "--slots, twice the latent cache memory; 0: none)")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module(s), verify in one step")
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="the sampling key (requests add their own seed)")
@@ -63,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max_queue must be >= 0")
     if args.mixed_prefill < 0:
         p.error("--mixed_prefill must be >= 0 (0: off)")
+    if args.prefix_pool is None:
+        args.prefix_pool = args.slots
+    if args.prefix_pool < 0:
+        p.error("--prefix_pool must be >= 0 (0: none)")
     return args
 
 
@@ -100,7 +108,8 @@ def start_batch(args):
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
                         mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk,
                         mixed=0 if args.prefill_mesh else mixed_chunk(args.mixed_prefill, max_len, n_draft),
-                        prefix_reuse=args.prefix_reuse, seed=args.seed)
+                        prefix_reuse=args.prefix_reuse, prefix_pool=args.prefix_pool if args.prefix_reuse else 0,
+                        seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s, %s",
              time.perf_counter() - t0, len(batch.buckets), batch.buckets, args.slots, max_len,

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dsv3_jax.infer.programs import DecodeState, Join, ModelDef, step
+from dsv3_jax.cache import Cache, cache_shardings
+from dsv3_jax.infer.programs import DecodeState, Join, ModelDef, constrain, step
 from dsv3_jax.infer.sampling import RowSampling
 
 
@@ -90,3 +91,16 @@ def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: R
 
     steps, state, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
     return state, ChunkOutput(*buf, steps=steps, active=state.active, remaining=state.remaining)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def copy_row(dst: Cache, src: Cache, dst_row, src_row, *, mesh: Mesh | None = None) -> Cache:
+    """Row src_row of every latent cache of `src` (all T positions, main and MTP) into row dst_row
+    of `dst`: the prefix pool's save and restore (`DecodeBatch`; one program per direction)."""
+    def put(d, s):
+        row = jax.lax.dynamic_index_in_dim(s, src_row, axis=1, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(d, row.astype(d.dtype), dst_row, axis=1)
+
+    out = jax.tree.map(put, dst, src)
+    return constrain(out, None if mesh is None else cache_shardings(out, mesh))
+
