@@ -80,6 +80,7 @@ class FakeBatch:
 
     def reset(self):
         self.active[:] = False
+        self._joins = []
 
     def free(self, slot):
         self.active[slot] = False
@@ -94,6 +95,8 @@ class FakeBatch:
 
     def join(self, slot, prompt, budget, row, start=0):
         assert slot not in self.joining and start <= self.reusable(slot, prompt)
+        if POISON in prompt:  # (as a failed move into or out of the prefix pool would)
+            raise RuntimeError("this prompt breaks the fake device")
         self.prompts[slot] = list(prompt)
         self.starts.append(start)
         self._joins.append([slot, list(prompt)[start:], budget, row])
@@ -229,11 +232,12 @@ def test_a_full_queue_is_refused_and_the_batch_runs_on():
         s.stop(10)
 
 
-def test_faults_stay_with_their_request():
-    batch = FakeBatch(slots=2)
+@pytest.mark.parametrize("mixed", [0, 2])
+def test_faults_stay_with_their_request(mixed):
+    batch = FakeBatch(slots=2, mixed=mixed)
     s = run_scheduler(batch)
     try:
-        text, last = generate(s, "a!", max_tokens=3)  # fails in prefill
+        text, last = generate(s, "a!", max_tokens=3)  # fails in prefill, or joining
         assert text == "" and isinstance(last, Failed) and "breaks the fake device" in last.message
         assert generate(s, "a", max_tokens=3)[1] == Finished("length", 1, 3)
 

@@ -110,7 +110,8 @@ class DecodeBatch:
             raise ConfigError(f"mixed={mixed}: expected 0 (off) or a chunk of 1..max_len={max_len} tokens, a "
                               f"multiple of the {n_draft + 1} tokens a decoding row verifies per step")
         self.mixed, self._joins = mixed, []  # prompts joining, first come first served
-        self.prefix_reuse, self.pool_rows = prefix_reuse, prefix_pool
+        self.prefix_reuse = prefix_reuse
+        self.pool_rows = prefix_pool if mixed and prefix_reuse else 0  # (only a join starts past a prefix)
         self.cfg, self.mesh = model.cfg, mesh
         self.slots, self.max_len, self.n_draft, self.K = slots, max_len, n_draft, steps_per_dispatch
         self.cache_dtype = jnp.dtype(cache_dtype)
@@ -144,9 +145,10 @@ class DecodeBatch:
     def _empty_pool(self) -> None:
         """The prefix pool's rows (`copy_row`), least recently used first, none holding anything."""
         self.pool_held, self.pool_lru = [[] for _ in range(self.pool_rows)], list(range(self.pool_rows))
-        cache = init_cache(self.cfg, self.pool_rows, self.max_len, self.cache_dtype, self.n_draft)
-        self.pool = (jax.device_put(cache, jax.devices()[0]) if self.mesh is None
-                     else jax.device_put(cache, cache_shardings(cache, self.mesh))) if self.pool_rows else None
+        self.pool = None
+        if self.pool_rows:
+            cache = init_cache(self.cfg, self.pool_rows, self.max_len, self.cache_dtype, self.n_draft)
+            self.pool = jax.device_put(cache, jax.devices()[0] if self.mesh is None else cache_shardings(cache, self.mesh))
 
     def reset(self) -> None:
         """A fresh, empty batch (after a device error left the donated state unusable)."""
@@ -158,7 +160,7 @@ class DecodeBatch:
         self._empty_pool()
 
     def state_lost(self) -> bool:
-        return any(x.is_deleted() for x in jax.tree.leaves(self.state))
+        return any(x.is_deleted() for x in jax.tree.leaves((self.state, self.pool)))
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)

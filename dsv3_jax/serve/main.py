@@ -108,8 +108,7 @@ def start_batch(args):
                         steps_per_dispatch=args.steps_per_dispatch, cache_dtype=jnp.dtype(args.cache_dtype),
                         mesh=mesh, prefill_mesh=prefill_mesh, prefill_chunk=args.prefill_chunk,
                         mixed=0 if args.prefill_mesh else mixed_chunk(args.mixed_prefill, max_len, n_draft),
-                        prefix_reuse=args.prefix_reuse, prefix_pool=args.prefix_pool if args.prefix_reuse else 0,
-                        seed=args.seed)
+                        prefix_reuse=args.prefix_reuse, prefix_pool=args.prefix_pool, seed=args.seed)
     log = logging.getLogger("uvicorn.error")
     log.info("loaded in %.1f s; compiling %d prompt buckets %s, %d slots x %d cache slots, %s, %s",
              time.perf_counter() - t0, len(batch.buckets), batch.buckets, args.slots, max_len,

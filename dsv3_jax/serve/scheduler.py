@@ -251,7 +251,14 @@ class Scheduler:
                 self._fail(req, e)
                 continue
             if self.batch.mixed and len(p.prompt) - reused <= self.batch.chunk:
-                self.batch.join(slot, p.prompt, budget, row, start=reused)
+                try:  # (it may move a prefix into or out of the pool: a device program)
+                    self.batch.join(slot, p.prompt, budget, row, start=reused)
+                except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+                    self._free.append(slot)
+                    self._fail(req, e)
+                    if self.batch.state_lost():
+                        self._reset(e)
+                    continue
                 self._joining[slot], req.cached_tokens = (req, budget), reused
                 if self.metrics is not None:
                     self.metrics.reused_tokens.inc(reused)
