@@ -44,10 +44,10 @@ def _bench(name: str):
     return module
 
 
-def conversations(args, vocab: int) -> list[list[tuple[list[int], int]]]:
-    """Per conversation, per turn: (the new user message, the answer length asked for)."""
-    rng = np.random.default_rng(args.seed)
-    return [[(rng.integers(3, vocab, int(rng.integers(16, 49))).tolist(), int(rng.integers(16, 65)))
+def conversations(args, vocab: int, seed: int) -> tuple[list[int], list[list[tuple[list[int], int]]]]:
+    """The system prompt and, per conversation, per turn: (the new user message, the answer length)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab, args.system).tolist(), [[(rng.integers(3, vocab, int(rng.integers(16, 49))).tolist(), int(rng.integers(16, 65)))
              for _ in range(args.turns)] for _ in range(args.conversations)]
 
 
@@ -108,15 +108,16 @@ def main() -> None:
     cfg = decode.BENCH.replace(moe_impl="tiled")
     model = decode.bench_model(cfg, 0.08)
     tok = train_tokenizer(cfg.vocab_size, tempfile.mkdtemp(prefix="dsv3_bench_tok_"), corpus_max_bytes=2_000_000)
-    system = np.random.default_rng(args.seed + 1).integers(3, cfg.vocab_size, args.system).tolist()
-    chats = conversations(args, cfg.vocab_size)
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; {args.conversations} conversations x {args.turns} turns, "
           f"system prompt {args.system} tokens, {args.slots} slots, mixed prefill {args.mixed_prefill}, "
           f"max_len {args.max_len}", flush=True)
     systems = {name: serve.start_scheduler(model, tok, args, 0, args.mixed_prefill, prefix_reuse=on, prefix_pool=pool)
                for name, on, pool in (("off", False, 0), ("rows", True, 0), (f"rows + pool {args.slots}", True, args.slots))}
     best = {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        # new conversations and system prompt each repeat: what the rows and the pool still hold of the
+        # last one shares nothing with them (every system meets the same cold start)
+        system, chats = conversations(args, cfg.vocab_size, args.seed + repeat)
         for name, scheduler in systems.items():
             r = run(scheduler, chats, system)
             print(f"  {name}: {r['throughput']:.0f} tok/s in {r['wall']:.1f} s", file=sys.stderr, flush=True)
