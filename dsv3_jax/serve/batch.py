@@ -233,10 +233,10 @@ class DecodeBatch:
     def reusable(self, slot: int, prompt: list[int]) -> int:
         """How many of the prompt's first positions `slot`'s row already holds the latents of, for a
         join to start past them (0 without mixed prefill, which is how a prompt enters a row that
-        holds something; and without `prefix_reuse`). At most the shared prefix less the A tokens the MTP modules read ahead (a
-        position's MTP latent embeds the tokens after it), the row's written positions (its last
-        token is pending), and the prompt's length less 1 + 2A: its pending token is run, and its
-        chunks rewrite the 2A hidden states a draft window reads."""
+        holds something, and without `prefix_reuse`). At most the shared prefix less the A tokens
+        the MTP modules read ahead (a position's MTP latent embeds the tokens after it), the row's
+        written positions (its last token is pending), and the prompt's length less 1 + 2A: its
+        pending token is run, and its chunks rewrite the 2A hidden states a draft window reads."""
         return 0 if slot in self.joining else self._reuse(self.held[slot], prompt)
 
     def _reuse(self, held: list[int], prompt: list[int]) -> int:
