@@ -266,7 +266,7 @@ class DecodeBatch:
         used pool row (not `spare`), unless the prompt repeats it all (the row keeps it), a pool row
         has it already, or it is at most one chunk (run again in one step)."""
         held = self.held[slot]
-        if (not self.pool_rows or not self._reuse(held, held) or len(held) <= self.mixed
+        if (not self.pool_rows or len(held) <= max(self.mixed, 1 + 2 * self.n_draft)  # (nothing `_reuse` would give)
                 or prompt[: len(held) - 1] == held[:-1] or any(h[: len(held) - 1] == held[:-1] for h in self.pool_held)):
             return
         r = next((r for r in self.pool_lru if r != spare), None)
@@ -275,8 +275,7 @@ class DecodeBatch:
         with infer_programs.on_mesh(self.mesh):
             self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(r), np.int32(slot), mesh=self.mesh)
         self.pool_held[r] = list(held)
-        self.pool_lru.remove(r)
-        self.pool_lru.append(r)
+        self._used(r)
 
     def _restore(self, slot: int, r: int) -> None:
         """Pool row r's latents into `slot`'s row."""
@@ -284,6 +283,10 @@ class DecodeBatch:
             cache = programs.copy_row(self.state.cache, self.pool, np.int32(slot), np.int32(r), mesh=self.mesh)
         self.state = dataclasses.replace(self.state, cache=cache)
         self.held[slot] = list(self.pool_held[r])
+        self._used(r)
+
+    def _used(self, r: int) -> None:
+        """Pool row r becomes the most recently used."""
         self.pool_lru.remove(r)
         self.pool_lru.append(r)
 
@@ -377,11 +380,10 @@ class DecodeBatch:
             if self.mixed:  # a final chunk into slot 0
                 chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed, self.n_draft)[0]
                 self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed + self.n_draft))
-        if self.pool_rows:  # both directions of copy_row
+        if self.pool_rows:  # both directions of copy_row (pool row 0 then holds nothing: pool_held[0] = [])
             with infer_programs.on_mesh(self.mesh):
                 self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(0), np.int32(0), mesh=self.mesh)
             self._restore(0, 0)
-            self._empty_pool()
         self.free(0)
         self.active[:] = False
         self.held[0] = []
