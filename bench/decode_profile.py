@@ -43,7 +43,7 @@ def main():
     engine, B, A = Engine(model), args.batch, args.draft
     prompts = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (B, args.context)).tolist()
     T = args.context + 4 * args.steps * (A + 1) + 64
-    run = _Run(engine, prompts, [T] * B, args.context, T, jax.random.key(0), np.int32(-1), A, SamplingConfig(), None)
+    run = _Run(engine, prompts, [T] * B, args.context, T, jax.random.key(0), np.int32(-1), A, SamplingConfig(), None, 1)
     state, rows = run.prefill(list(range(B)), B), SamplingConfig().rows(B)
     kv_len = programs.kv_len_for(args.context + 2 * args.steps * (A + 1) + 2, T)
 

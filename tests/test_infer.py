@@ -17,6 +17,7 @@ from scipy import stats
 from dsv3_jax import Transformer, preset
 from dsv3_jax.cache import LatentCache
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import ConfigError
 from dsv3_jax.infer import Engine, SamplingConfig, bytes_per_token, formula_bytes_per_token, init_cache
 from dsv3_jax.infer import programs, speculative
 from dsv3_jax.infer.sampling import TARGET, filter_logits, probabilities, sample, token_keys
@@ -324,9 +325,29 @@ def test_generation_with_a_seed_is_reproducible_and_settings_compile_nothing(eng
     c = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=6)
     assert a.tokens == b.tokens and a.tokens != c.tokens
     # The settings are arrays fed to the programs, not part of them: another one reuses them.
-    compiled = programs.prefill._cache_size(), programs.step._cache_size()
+    compiled = programs.prefill._cache_size(), programs.decode._cache_size()
     engine.generate(PROMPTS, max_new_tokens=NEW, sampling=SamplingConfig(0.6, top_p=0.9), seed=5)
-    assert (programs.prefill._cache_size(), programs.step._cache_size()) == compiled
+    assert (programs.prefill._cache_size(), programs.decode._cache_size()) == compiled
+
+
+@pytest.mark.parametrize("speculative", [0, 2])
+def test_steps_per_dispatch_changes_nothing_but_the_dispatches(engine, speculative):
+    """K steps per dispatch run on the device in one loop: the same tokens, EOS and budgets ending
+    rows inside a dispatch, the same steps counted."""
+    s = SamplingConfig(temperature=1.0, top_k=20)
+    eos = engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=3, steps_per_dispatch=1).tokens[2][6]
+    runs = {K: engine.generate(PROMPTS, max_new_tokens=NEW, sampling=s, seed=3, eos_id=eos,
+                               speculative=speculative, steps_per_dispatch=K) for K in (1, 3, 8)}
+    one = runs[1]
+    assert one.tokens[2][-1] == eos and len(one.tokens[2]) < NEW  # a row ended early by EOS
+    assert any(len(t) == NEW for t in one.tokens)  # and one by its budget
+    for K, run in runs.items():
+        assert run.tokens == one.tokens, K
+        assert (run.stats.steps, run.stats.sequence_steps, run.stats.accepted) == \
+            (one.stats.steps, one.stats.sequence_steps, one.stats.accepted), K
+        assert len(run.stats.step_s) == run.stats.steps
+    with pytest.raises(ConfigError, match="steps_per_dispatch=0"):
+        engine.generate(PROMPTS, steps_per_dispatch=0)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------

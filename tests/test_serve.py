@@ -19,7 +19,7 @@ import pytest
 
 from dsv3_jax.serve.batch import prompt_buckets
 from dsv3_jax.serve.metrics import Metrics
-from dsv3_jax.serve.programs import ChunkOutput
+from dsv3_jax.infer.programs import ChunkOutput
 from dsv3_jax.serve.scheduler import Delta, Failed, Finished, Params, QueueFull, Scheduler
 from dsv3_jax.serve.server import create_app
 from dsv3_jax.serve.text import TextStream

@@ -3,9 +3,9 @@ speculation and optional prefill/decode disaggregation (the compiled programs ar
 
 Prompts are right-padded into a [B, S] batch (S rounded up to a multiple of 16 so few prompt
 lengths compile), prefilled in chunks of `prefill_batch_size`, handed to the decode batch and
-decoded by one compiled step until every sequence has hit EOS or its token budget. The host loop
-keeps one step in flight: it dispatches step i+1 before reading step i's tokens, so the device
-does not wait for Python between steps.
+decoded K steps per dispatch (`programs.decode`) until every sequence has hit EOS or its token
+budget. The host loop keeps one dispatch in flight: it sends dispatch i+1 before reading dispatch
+i's tokens, so the device does not wait for Python between them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dsv3_jax.errors import ConfigError
 
 PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this
 CACHE_BUCKET = 64  # cache lengths likewise
+STEPS_PER_DISPATCH = 8  # decode steps per dispatch: host work paid once per 8 steps
 
 
 @dataclasses.dataclass
@@ -40,7 +41,7 @@ class GenerationStats:
     sequence_steps: int = 0  # (sequence, step) pairs where the sequence was active
     drafted: int = 0
     accepted: int = 0
-    step_s: list[float] = dataclasses.field(default_factory=list)  # host time between step results
+    step_s: list[float] = dataclasses.field(default_factory=list)  # per step: its dispatch's host time / its steps
 
     @property
     def acceptance_rate(self) -> float:
@@ -138,18 +139,22 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
                  speculative: int = 0, batch_size: int | None = None, prefill_batch_size: int | None = None,
-                 max_len: int | None = None,
+                 max_len: int | None = None, steps_per_dispatch: int = STEPS_PER_DISPATCH,
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt (fewer where the context ends or EOS comes).
 
         speculative: D, the number of tokens drafted per step by MTP modules 1..D (0 = off).
         batch_size / prefill_batch_size: decode and prefill batch sizes (default: all prompts).
         max_len: cache slots per sequence (default: longest prompt + budget, rounded up).
-        on_tokens(i, ids) is called as prompt i's tokens arrive (streaming).
+        steps_per_dispatch: K, decode steps per dispatch (`programs.decode`; the tokens are the
+        same for any K).
+        on_tokens(i, ids) is called as prompt i's tokens arrive (streaming, K steps at a time).
         """
         cfg = self.cfg
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        if steps_per_dispatch < 1:
+            raise ConfigError(f"steps_per_dispatch={steps_per_dispatch}: expected >= 1")
         if not 0 <= speculative <= cfg.n_mtp_modules:
             raise ConfigError(f"speculative={speculative}: the model has {cfg.n_mtp_modules} MTP module(s)")
         prompts = validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
@@ -164,7 +169,7 @@ class Engine:
         if T < max(need, S):
             raise ConfigError(f"max_len={max_len}: needs at least {max(need, S)} slots")
         run = _Run(self, prompts, budget, S, T, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
-                   speculative, sampling, on_tokens)
+                   speculative, sampling, on_tokens, steps_per_dispatch)
         for start in range(0, len(prompts), Bd):
             ids = [i if i < len(prompts) else -1 for i in range(start, start + Bd)]
             t0 = time.perf_counter()
@@ -190,14 +195,16 @@ class _Run:
     n_draft: int
     sampling: SamplingConfig  # every row's; the programs take it as rows, so a new setting compiles nothing
     on_tokens: Callable[[int, list[int]], None] | None
+    steps_per_dispatch: int
     results: list[list[int]] = dataclasses.field(default_factory=list)
     stats: GenerationStats = dataclasses.field(default_factory=GenerationStats)
 
     def __post_init__(self):
         self.results = [[] for _ in self.prompts]
 
-    def emit(self, out: programs.StepOutput, ids: list[int]):
-        toks, count = np.asarray(out.tokens), np.asarray(out.count)
+    def emit(self, tokens: np.ndarray, count: np.ndarray, ids: list[int]):
+        """One step's tokens [B,A+1], the first count [B] of each row new."""
+        toks, count = np.asarray(tokens), np.asarray(count)
         for row, i in enumerate(ids):
             if i >= 0 and count[row]:
                 new = toks[row, : count[row]].tolist()
@@ -222,7 +229,7 @@ class _Run:
             firsts.append((first, chunk))
             state = programs.insert(state, rows, jnp.int32(p0), mesh=e.decode_mesh)
         for first, chunk in firsts:
-            self.emit(first, chunk)
+            self.emit(first.tokens, first.count, chunk)
             self.stats.first_tokens += int(np.asarray(first.count).sum())
         self.stats.prompt_tokens += sum(len(self.prompts[i]) for i in ids if i >= 0)
         return jax.block_until_ready(state)
@@ -242,48 +249,51 @@ class _Run:
                          sampling=self.sampling.rows(len(chunk)))
 
     def decode(self, ids: list[int], state: programs.DecodeState) -> None:
-        """Step until every row is done, one step in flight: step i+1 is dispatched before step
-        i's tokens are read, unless it cannot matter (every step emits >= 1 token per active
-        sequence, so sequences with <= 1 token left are done once the step in flight ends)."""
-        e = self.engine
+        """Dispatch K steps at a time (`programs.decode`) until every row is done, one dispatch in
+        flight: dispatch i+1 goes out before dispatch i's tokens are read, unless it cannot matter
+        (every step emits >= 1 token per active sequence, so sequences with <= K tokens left are
+        done once the dispatch in flight ends; its loop stops early when none is active)."""
+        e, K = self.engine, self.steps_per_dispatch
         active, remaining = np.asarray(state.active), np.asarray(state.remaining)
         in_flight, last = None, time.perf_counter()
         rows = self.sampling.rows(len(ids))
         while True:
-            alive = active & (remaining > 1) if in_flight is not None else active
+            alive = active & (remaining > K) if in_flight is not None else active
             nxt = None
             if alive.any():
                 with programs.on_mesh(e.decode_mesh):
-                    state, nxt = programs.step(e.model_def, e.decode_params, state, self.key, self.eos,
-                                               n_draft=self.n_draft, sampling=rows, mesh=e.decode_mesh,
-                                               kv_len=self._kv_len(ids, alive, in_flight is not None))
+                    state, nxt = programs.decode(e.model_def, e.decode_params, state, np.ones(len(ids), bool),
+                                                 np.int32(K), rows, self.eos, self.key, n_draft=self.n_draft,
+                                                 max_steps=K, mesh=e.decode_mesh,
+                                                 kv_len=self._kv_len(ids, alive, in_flight is not None))
             if in_flight is not None:
-                self._count(in_flight)
-                self.emit(in_flight, ids)
-                active, remaining = np.asarray(in_flight.active), np.asarray(in_flight.remaining)
+                out = jax.tree.map(np.asarray, in_flight)
+                n = int(out.steps)  # 0 where the dispatch before it finished every row
+                self._count(out)
+                for s in range(n):
+                    self.emit(out.tokens[s], out.count[s], ids)
+                active, remaining = out.active, out.remaining
                 now = time.perf_counter()
-                self.stats.step_s.append(now - last)
+                self.stats.step_s += [(now - last) / max(n, 1)] * n
                 last = now
             if nxt is None:
                 return
             in_flight = nxt
 
     def _kv_len(self, ids: list[int], alive: np.ndarray, in_flight: bool) -> int:
-        """The cache prefix the next step attends: it holds every live row's slots written so far
-        (prompt + emitted - 1: the newest token is still pending), what the step in flight may add,
-        and this step's A+1 positions."""
-        A1 = self.n_draft + 1
+        """The cache prefix the next dispatch attends: it holds every live row's slots written so
+        far (prompt + emitted - 1: the newest token is still pending), what the dispatch in flight
+        may add, and this dispatch's K steps of A+1 positions each."""
+        A1, K = self.n_draft + 1, self.steps_per_dispatch
         written = max(len(self.prompts[i]) + len(self.results[i]) - 1 for r, i in enumerate(ids) if alive[r])
-        return programs.kv_len_for(min(written + (2 if in_flight else 1) * A1 + 1, self.T), self.T)
+        return programs.kv_len_for(min(written + (2 if in_flight else 1) * K * A1 + 1, self.T), self.T)
 
-    def _count(self, out: programs.StepOutput):
-        was = np.asarray(out.was_active)
+    def _count(self, out: programs.ChunkOutput):
         s = self.stats
-        s.steps += 1
-        s.sequence_steps += int(was.sum())
-        drafted = np.asarray(out.drafted)
-        s.drafted += int(drafted.sum())
-        s.accepted += int(np.asarray(out.accepted)[drafted > 0].sum())
+        s.steps += int(out.steps)
+        s.sequence_steps += int(out.was_active.sum())
+        s.drafted += int(out.drafted.sum())
+        s.accepted += int(out.accepted[out.drafted > 0].sum())
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, cache_dtype=jnp.bfloat16,

@@ -1,18 +1,26 @@
 """The compiled inference programs: prefill, insert (the cache hand-off) and the decode step.
 
 Shape letters (the package legend): B batch, S prompt length (padded), T cache slots, Tb
-token-buffer length, A drafted tokens per step (0 = plain decoding), D `dim`, V vocabulary.
+token-buffer length, A drafted tokens per step (0 = plain decoding), K most steps per dispatch, D `dim`, V
+vocabulary.
 
 Prefill and decode are separate jitted programs with their own batch sizes and, optionally, their
 own meshes (prefill/decode disaggregation): `prefill` runs Bp prompts and returns a `DecodeState`
 whose cache has only S slots; `insert` moves it (a device_put to the decode mesh first) into
 slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequences by one
-verification. Shapes never depend on lengths or positions, which are arrays, and neither does
+verification, and `decode` runs up to K steps in one dispatch. Shapes never depend on lengths or positions, which are arrays, and neither does
 the program depend on the sampling settings or the EOS id, which are arrays too (per row:
 `sampling.RowSampling` [B], `eos_id` [] or [B]), so each program compiles once per (batch, S or
 T, A). The programs take the model as (`ModelDef`, parameter leaves) from `split`: the same
 parameter arrays as the `Transformer`. `Engine` (engine.py) drives them with one setting for every row;
-the server (`dsv3_jax.serve`) gives each row its own and runs `step` K times per dispatch.
+the server (`dsv3_jax.serve`) gives each row its own and lets prompts join between dispatches.
+
+`decode` is a `lax.while_loop` over `step` that stops early once no row is active, returning every
+step's tokens [K, B, A+1] to be read back together. The host work between steps (reading tokens
+back, bookkeeping, on a server detokenising and handing text to the HTTP side) is otherwise paid
+once per step, on a CPU backend out of the same cores the step runs on; in the loop it is paid once
+per K steps. The loop bound `n_steps` is an argument (K the static buffer size), so one compiled
+program serves both "one step, then let a waiting request join" and "K steps".
 
 A plain decode step is the speculative step with A = 0: the main model runs over the one pending
 token, and the "bonus" token is the sampled next token.
@@ -349,6 +357,66 @@ def step(model_def: ModelDef, params, state: DecodeState, key, eos_id, *, n_draf
                                  form="absorbed", kv_len=kv_len)
     new_state = DecodeState(cache, tokens, length, state.seq_id, remaining, active, hidden, q)
     return constrain(new_state, state_shardings_for(new_state, mesh)), out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ChunkOutput:
+    """K steps' results (rows of steps not run are zero)."""
+
+    tokens: jax.Array  # [K,B,A+1] new tokens; the first `count` of each step are emitted
+    count: jax.Array  # [K,B] int32
+    accepted: jax.Array  # [K,B] int32 drafts accepted
+    was_active: jax.Array  # [K,B] bool
+    drafted: jax.Array  # [K,B] int32 MTP drafts verified (`StepOutput.drafted`)
+    steps: jax.Array  # [] int32: steps run (<= n_steps)
+    active: jax.Array  # [B] bool after the last step
+    remaining: jax.Array  # [B] int32 after the last step
+
+    def emitted(self, slot: int) -> list[int]:
+        """The tokens `slot` emitted over the steps run, in order (on the host's numpy copy)."""
+        return [t for s in range(int(self.steps)) for t in self.tokens[s, slot, : self.count[s, slot]].tolist()]
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh", "kv_len"),
+                   donate_argnums=(2,))
+def decode(model_def: ModelDef, params, state: DecodeState, keep, n_steps, rs: RowSampling, eos, key, *, n_draft: int,
+           max_steps: int, mesh: Mesh | None = None, kv_len: int | None = None,
+           joins: Join | None = None, has_join=None) -> tuple[DecodeState, ChunkOutput]:
+    """Up to n_steps (<= max_steps) verification steps on the device, stopping once no row is active
+    and no prompt chunk is left to join.
+
+    keep [B] bool: rows the host let go (a stop string, a closed connection) are deactivated first.
+    kv_len: the cache prefix every step attends (infer's `step`); it must hold all n_steps.
+    joins, has_join [max_steps] bool: step i carries prompt chunk joins[i] (`infer.programs.Join`
+    with a leading step axis: Sarathi's mixed batch) where has_join[i]; a row whose last chunk
+    rides in step i emits its first token in it and decodes in the steps after.
+    """
+    state = dataclasses.replace(state, active=state.active & keep)
+    B, A1 = state.tokens.shape[0], n_draft + 1
+    zeros = jnp.zeros((max_steps, B), jnp.int32)
+    buf = (jnp.zeros((max_steps, B, A1), jnp.int32), zeros, zeros, jnp.zeros((max_steps, B), bool), zeros)
+
+    def run(st, join=None):
+        # the jitted step, traced inline here (its donation applies only to a dispatch of its own).
+        return step(model_def, params, st, key, eos, n_draft=n_draft, sampling=rs, mesh=mesh, kv_len=kv_len, join=join)
+
+    def body(carry):
+        i, st, buf = carry
+        if joins is None:
+            st, out = run(st)
+        else:
+            st, out = jax.lax.cond(has_join[i], lambda st: run(st, jax.tree.map(lambda x: x[i], joins)), run, st)
+        buf = tuple(b.at[i].set(x) for b, x in zip(buf, (out.tokens, out.count, out.accepted, out.was_active, out.drafted)))
+        return i + 1, st, buf
+
+    def cond(carry):
+        i, st, _ = carry
+        more = jnp.any(st.active) if joins is None else jnp.any(st.active) | has_join[jnp.minimum(i, max_steps - 1)]
+        return (i < n_steps) & more
+
+    steps, state, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
+    return state, ChunkOutput(*buf, steps=steps, active=state.active, remaining=state.remaining)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))

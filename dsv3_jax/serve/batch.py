@@ -10,7 +10,7 @@ the smallest bucket S = 16, 32, 64, ... that holds it; a prompt longer than `pre
 written chunk by chunk into a T-slot row of its own by `infer.programs.prefill_chunk`, a decode
 dispatch between chunks: `admit`) and `infer.programs.insert` copies the result into its slot
 (with `--prefill_mesh`, prefill runs on its own devices and the row's latent cache moves to the
-decode mesh first: `Engine.prefill`); `serve.programs.decode` then runs K of infer's steps per
+decode mesh first: `Engine.prefill`); `infer.programs.decode` then runs K steps per
 dispatch over the smallest cache prefix (64, 128, ... T slots) that the rows fill. With `mixed`
 on, a prompt may instead `join`: no prefill program, its chunks ride in decode steps as extra
 rows of the same forward, a chunk per step (`infer.programs.Join`). When a request
@@ -36,24 +36,37 @@ dispatch), so `warmup` compiles every program once and nothing compiles while se
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from dsv3_jax.cache import cache_shardings, init_cache
+from dsv3_jax.cache import Cache, cache_shardings, init_cache
 from dsv3_jax.errors import ConfigError
-from dsv3_jax.infer import programs as infer_programs
+from dsv3_jax.infer import programs
 from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.sampling import SamplingConfig
-from dsv3_jax.serve import programs
 
 FIRST_BUCKET = 16
 
 
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def copy_row(dst: Cache, src: Cache, dst_row, src_row, *, mesh: Mesh | None = None) -> Cache:
+    """Row src_row of every latent cache of `src` (all T positions, main and MTP) into row dst_row
+    of `dst`: the prefix pool's save and restore (`DecodeBatch`; one program per direction)."""
+    def put(d, s):
+        row = jax.lax.dynamic_index_in_dim(s, src_row, axis=1, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(d, row.astype(d.dtype), dst_row, axis=1)
+
+    out = jax.tree.map(put, dst, src)
+    return programs.constrain(out, None if mesh is None else cache_shardings(out, mesh))
+
+
 def prompt_buckets(max_len: int) -> list[int]:
     """16, 32, 64, ... up to and including max_len: log2(T/16) prefill shapes instead of T/16."""
-    return infer_programs.buckets(max_len, FIRST_BUCKET)
+    return programs.buckets(max_len, FIRST_BUCKET)
 
 
 @dataclasses.dataclass
@@ -78,13 +91,13 @@ class Joining:
                 self.budget], pending == P - 1
 
 
-def stack_joins(chunks: list[list], K: int, width: int) -> tuple[infer_programs.Join, np.ndarray]:
+def stack_joins(chunks: list[list], K: int, width: int) -> tuple[programs.Join, np.ndarray]:
     """Join fields (tokens `width` wide) for up to K steps -> (a Join with a leading [K] axis,
     has_join [K])."""
     unused = [[0] * width, 0, 0, 2, 0, 0, 0]  # the steps past the chunks carry none (has_join False)
     rows = chunks + [unused] * (K - len(chunks))
     fields = [np.asarray(column, np.int32) for column in zip(*rows)]
-    return infer_programs.Join(*fields), np.arange(K) < len(chunks)
+    return programs.Join(*fields), np.arange(K) < len(chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +150,10 @@ class DecodeBatch:
         """Tokens one sequence may hold, prompt and output together (MTP drafts need n_draft slots more)."""
         return min(self.cfg.max_seq_len, self.max_len - self.n_draft)
 
-    def _empty(self) -> infer_programs.DecodeState:
-        state = infer_programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
+    def _empty(self) -> programs.DecodeState:
+        state = programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
                                            cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
-        return infer_programs.place(state, self.mesh)
+        return programs.place(state, self.mesh)
 
     def _empty_pool(self) -> None:
         """The prefix pool's rows (`copy_row`), least recently used first, none holding anything."""
@@ -206,15 +219,15 @@ class DecodeBatch:
         """`infer.programs.prefill_chunk` over the prompt, a pause after each chunk but the last ->
         (the row's state, its first token). The last chunk ends at the prompt's end or at T."""
         e, C, T = self.engine, self.chunk, self.max_len
-        state = infer_programs.chunk_state(self.cfg, [prompt], [row.seq_id], T, n_draft=self.n_draft,
+        state = programs.chunk_state(self.cfg, [prompt], [row.seq_id], T, n_draft=self.n_draft,
                                            cache_dtype=self.cache_dtype, mesh=e.prefill_mesh)
         starts = [min(s, T - C) for s in range(0, len(prompt), C)]
         for i, start in enumerate(starts):
-            with infer_programs.on_mesh(e.prefill_mesh):
-                state, first = infer_programs.prefill_chunk(
+            with programs.on_mesh(e.prefill_mesh):
+                state, first = programs.prefill_chunk(
                     e.model_def, e.prefill_params, state, np.int32(start), np.int32([budget]), self.key,
                     np.int32([row.eos_id]), n_draft=self.n_draft, sampling=row.sampling.rows(1), chunk=C,
-                    mesh=e.prefill_mesh, kv_len=infer_programs.kv_len_for(start + C, T))
+                    mesh=e.prefill_mesh, kv_len=programs.kv_len_for(start + C, T))
             if i < len(starts) - 1:
                 yield
         return e.hand_off(state), first
@@ -223,7 +236,7 @@ class DecodeBatch:
         tokens, count, active = np.asarray(first.tokens), np.asarray(first.count), bool(np.asarray(first.active)[0])
         tokens = tokens[0, : count[0]].tolist()
         if active:  # (a request done at its first token leaves the row as it was)
-            self.state = infer_programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
+            self.state = programs.insert(self.state, rows, np.int32(slot), mesh=self.mesh)
             self.rs.set_row(slot, row.sampling)
             self.eos[slot], self.keep[slot] = row.eos_id, True
             self.active[slot], self.length[slot] = True, len(prompt)
@@ -272,15 +285,15 @@ class DecodeBatch:
         r = next((r for r in self.pool_lru if r != spare), None)
         if r is None:
             return
-        with infer_programs.on_mesh(self.mesh):
-            self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(r), np.int32(slot), mesh=self.mesh)
+        with programs.on_mesh(self.mesh):
+            self.pool = copy_row(self.pool, self.state.cache, np.int32(r), np.int32(slot), mesh=self.mesh)
         self.pool_held[r] = list(held)
         self._used(r)
 
     def _restore(self, slot: int, r: int) -> None:
         """Pool row r's latents into `slot`'s row."""
-        with infer_programs.on_mesh(self.mesh):
-            cache = programs.copy_row(self.state.cache, self.pool, np.int32(slot), np.int32(r), mesh=self.mesh)
+        with programs.on_mesh(self.mesh):
+            cache = copy_row(self.state.cache, self.pool, np.int32(slot), np.int32(r), mesh=self.mesh)
         self.state = dataclasses.replace(self.state, cache=cache)
         self.held[slot] = list(self.pool_held[r])
         self._used(r)
@@ -333,7 +346,7 @@ class DecodeBatch:
         chunks, joined, length, live = self._schedule(n)
         # n steps advance a row by at most n (A+1) positions, the last writing up to length + A
         longest = int(length[live].max()) + n * (self.n_draft + 1) + 1 if live.any() else 1
-        out = self._dispatch(n, infer_programs.kv_len_for(min(longest, self.max_len), self.max_len),
+        out = self._dispatch(n, programs.kv_len_for(min(longest, self.max_len), self.max_len),
                              stack_joins(chunks, self.K, self.mixed + self.n_draft) if chunks else None)
         for j in joined:
             self.keep[j.slot], self.held[j.slot] = True, list(j.prompt)
@@ -359,7 +372,7 @@ class DecodeBatch:
         return chunks, joined, length, live
 
     def _dispatch(self, n_steps: int, kv_len: int, joins=None) -> programs.ChunkOutput:
-        with infer_programs.on_mesh(self.mesh):
+        with programs.on_mesh(self.mesh):
             self.state, out = programs.decode(self.engine.model_def, self.engine.decode_params, self.state,
                                               self.keep.copy(), np.int32(n_steps), self.rs, self.eos.copy(),
                                               self.key, n_draft=self.n_draft, max_steps=self.K, mesh=self.mesh,
@@ -375,19 +388,19 @@ class DecodeBatch:
             self.prefill(0, [0] * min(S, self.context - 1), 2, sampled)
         if self.context - 1 > self.chunk:  # every chunk's cache prefix
             self.prefill(0, [0] * (self.context - 1), 2, sampled)
-        for kv_len in infer_programs.buckets(self.max_len, infer_programs.KV_BUCKET):
+        for kv_len in programs.buckets(self.max_len, programs.KV_BUCKET):
             self._dispatch(self.K, kv_len)
             if self.mixed:  # a final chunk into slot 0
                 chunk = Joining(0, [0, 0], 2, 0).chunk(self.mixed, self.n_draft)[0]
                 self._dispatch(self.K, kv_len, stack_joins([chunk], self.K, self.mixed + self.n_draft))
         if self.pool_rows:  # both directions of copy_row (pool row 0 then holds nothing: pool_held[0] = [])
-            with infer_programs.on_mesh(self.mesh):
-                self.pool = programs.copy_row(self.pool, self.state.cache, np.int32(0), np.int32(0), mesh=self.mesh)
+            with programs.on_mesh(self.mesh):
+                self.pool = copy_row(self.pool, self.state.cache, np.int32(0), np.int32(0), mesh=self.mesh)
             self._restore(0, 0)
         self.free(0)
         self.active[:] = False
         self.held[0] = []
 
     def compiled_programs(self) -> int:
-        return sum(f._cache_size() for f in (infer_programs.prefill, infer_programs.prefill_chunk, programs.decode,
-                                             infer_programs.insert, programs.copy_row))
+        return sum(f._cache_size() for f in (programs.prefill, programs.prefill_chunk, programs.decode,
+                                             programs.insert, copy_row))
