@@ -11,7 +11,8 @@ loses more the wider the spread of output lengths in a batch.
 
   static      a loop that, whenever the engine is free, takes the requests that have arrived (up
               to --slots; it waits for the first if none) and runs `Engine.generate` on them as one
-              batch of --slots rows with max_new_tokens = the batch's longest request. A request's
+              batch of --slots rows with max_new_tokens = the batch's longest request, decoding
+              --steps_per_dispatch steps per dispatch as the continuous side does. A request's
               tokens stream out as they come (on_tokens), so its TTFT and TPOT count from its own
               tokens; the batch still runs until its longest request is done.
   continuous  `Scheduler` + `DecodeBatch` (--slots slots, --steps_per_dispatch steps per dispatch):
@@ -107,7 +108,7 @@ def summarise(jobs: list[Job], t0: float) -> dict:
 
 
 # ---- static batching ----------------------------------------------------------------------------------
-def run_static(engine: Engine, jobs: list[Job], slots: int, max_len: int, n_draft: int) -> dict:
+def run_static(engine: Engine, jobs: list[Job], slots: int, max_len: int, n_draft: int, K: int) -> dict:
     t0, i, drafted, accepted = time.perf_counter(), 0, 0, 0
     while i < len(jobs):
         wait = t0 + jobs[i].arrival - time.perf_counter()
@@ -122,16 +123,18 @@ def run_static(engine: Engine, jobs: list[Job], slots: int, max_len: int, n_draf
             group[k].token_times.extend([stamp] * len(new))
 
         res = engine.generate([j.prompt for j in group], max_new_tokens=max(j.out for j in group),
-                              batch_size=slots, max_len=max_len, speculative=n_draft, eos_id=None, on_tokens=on_tokens)
+                              batch_size=slots, max_len=max_len, speculative=n_draft, eos_id=None, on_tokens=on_tokens,
+                              steps_per_dispatch=K)
         drafted += res.stats.drafted
         accepted += res.stats.accepted
     return {**summarise(jobs, t0), "accept": accepted / drafted if drafted else None}
 
 
-def warm_static(engine: Engine, slots: int, max_len: int, n_draft: int) -> None:
+def warm_static(engine: Engine, slots: int, max_len: int, n_draft: int, K: int) -> None:
     """Compile the prefill of every prompt bucket Engine can pick here, and the decode step."""
     for S in range(16, PROMPT_LEN[1] + 1, 16):
-        engine.generate([[5] * S], max_new_tokens=2, batch_size=slots, max_len=max_len, speculative=n_draft)
+        engine.generate([[5] * S], max_new_tokens=2, batch_size=slots, max_len=max_len, speculative=n_draft,
+                        steps_per_dispatch=K)
 
 
 # ---- continuous batching ----------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def main() -> None:
     rows = []
     for n_draft in (0, cfg.n_mtp_modules):
         t = time.perf_counter()
-        warm_static(engine, args.slots, args.max_len, n_draft)
+        warm_static(engine, args.slots, args.max_len, n_draft, args.steps_per_dispatch)
         schedulers = {"continuous": start_scheduler(model, tok, args, n_draft)}
         if not args.prefill_device:  # (a prompt that joins the decode steps uses no prefill device)
             schedulers.update({f"mixed {J}": start_scheduler(model, tok, args, n_draft, J) for J in args.mixed_prefill})
@@ -218,7 +221,7 @@ def main() -> None:
             for _ in range(args.repeats):  # alternating, so that all see the same spells of load
                 for name in names:
                     jobs = workload(args.requests, rate, cfg.vocab_size, args.seed)
-                    r = (run_static(engine, jobs, args.slots, args.max_len, n_draft) if name == "static"
+                    r = (run_static(engine, jobs, args.slots, args.max_len, n_draft, args.steps_per_dispatch) if name == "static"
                          else run_continuous(schedulers[name], jobs))
                     r["load"] = os.getloadavg()[0]
                     print(f"  rate {rate:g} {name} MTP {n_draft}: {r['throughput']:.0f} tok/s in {r['wall']:.1f} s "
