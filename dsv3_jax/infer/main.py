@@ -32,7 +32,7 @@ from dsv3_jax.errors import ConfigError, MissingFileError, UserError
 from dsv3_jax.hf import from_pretrained, pretrained_config
 from dsv3_jax.infer import dryrun
 from dsv3_jax.infer.args import add_model_args
-from dsv3_jax.infer.engine import Engine
+from dsv3_jax.infer.engine import STEPS_PER_DISPATCH, Engine
 from dsv3_jax.infer.load import load_for_inference
 from dsv3_jax.infer.sampling import SamplingConfig
 from dsv3_jax.tokenizer import load_tokenizer
@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--max_len", type=int, default=None,
                    help="cache slots per sequence (default: the longest prompt + max_new_tokens, rounded up)")
+    p.add_argument("--steps_per_dispatch", type=int, default=STEPS_PER_DISPATCH,
+                   help="decode steps per device dispatch (the host reads tokens back, and streams them, once per "
+                        "dispatch)")
     args = p.parse_args(argv)
     if not args.dry_run and args.prompt is None and args.prompt_file is None:
         p.error("one of the arguments --prompt --prompt_file is required (or --dry_run)")
@@ -243,6 +246,8 @@ def run(args) -> None:
         raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: expected >= 1")
     if args.batch_size < 0:
         raise ConfigError(f"--batch_size {args.batch_size}: expected >= 1 (0: all prompts together)")
+    if args.steps_per_dispatch < 1:
+        raise ConfigError(f"--steps_per_dispatch {args.steps_per_dispatch}: expected >= 1")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # before the load
     model, tok, mesh, prefill_mesh = load(args)
     cfg = model.cfg
@@ -263,7 +268,7 @@ def run(args) -> None:
     printer = Printer(tok, len(prompts), args.max_new_tokens, tok.eos_id)
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                              eos_id=tok.eos_id, speculative=n_draft, batch_size=args.batch_size or None,
-                             max_len=args.max_len, on_tokens=printer)
+                             max_len=args.max_len, steps_per_dispatch=args.steps_per_dispatch, on_tokens=printer)
     printer.finish(result.tokens)
 
     # ---- report ---------------------------------------------------------------------------------
