@@ -292,8 +292,9 @@ class _Run:
         s = self.stats
         s.steps += int(out.steps)
         s.sequence_steps += int(out.was_active.sum())
-        s.drafted += int(out.drafted.sum())
-        s.accepted += int(out.accepted[out.drafted > 0].sum())
+        drafted, accepted = out.drafts()
+        s.drafted += drafted
+        s.accepted += accepted
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, cache_dtype=jnp.bfloat16,

@@ -1,17 +1,17 @@
 """The compiled inference programs: prefill, insert (the cache hand-off) and the decode step.
 
 Shape letters (the package legend): B batch, S prompt length (padded), T cache slots, Tb
-token-buffer length, A drafted tokens per step (0 = plain decoding), K most steps per dispatch, D `dim`, V
-vocabulary.
+token-buffer length, A drafted tokens per step (0 = plain decoding), K most steps per dispatch,
+D `dim`, V vocabulary.
 
 Prefill and decode are separate jitted programs with their own batch sizes and, optionally, their
 own meshes (prefill/decode disaggregation): `prefill` runs Bp prompts and returns a `DecodeState`
 whose cache has only S slots; `insert` moves it (a device_put to the decode mesh first) into
 slots [slot, slot+Bp) of the decode batch's state; `step` advances all Bd sequences by one
-verification, and `decode` runs up to K steps in one dispatch. Shapes never depend on lengths or positions, which are arrays, and neither does
-the program depend on the sampling settings or the EOS id, which are arrays too (per row:
-`sampling.RowSampling` [B], `eos_id` [] or [B]), so each program compiles once per (batch, S or
-T, A). The programs take the model as (`ModelDef`, parameter leaves) from `split`: the same
+verification, and `decode` runs up to K steps in one dispatch. Shapes never depend on lengths
+or positions, which are arrays, and neither does the program depend on the sampling settings or
+the EOS id, which are arrays too (per row: `sampling.RowSampling` [B], `eos_id` [] or [B]), so
+each program compiles once per (batch, S or T, A). The programs take the model as (`ModelDef`, parameter leaves) from `split`: the same
 parameter arrays as the `Transformer`. `Engine` (engine.py) drives them with one setting for every row;
 the server (`dsv3_jax.serve`) gives each row its own and lets prompts join between dispatches.
 
@@ -376,6 +376,10 @@ class ChunkOutput:
     def emitted(self, slot: int) -> list[int]:
         """The tokens `slot` emitted over the steps run, in order (on the host's numpy copy)."""
         return [t for s in range(int(self.steps)) for t in self.tokens[s, slot, : self.count[s, slot]].tolist()]
+
+    def drafts(self) -> tuple[int, int]:
+        """(MTP drafts verified, of them accepted) over the steps run (on the host's numpy copy)."""
+        return int(self.drafted.sum()), int(self.accepted[self.drafted > 0].sum())
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "n_draft", "max_steps", "mesh", "kv_len"),

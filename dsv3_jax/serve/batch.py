@@ -152,7 +152,7 @@ class DecodeBatch:
 
     def _empty(self) -> programs.DecodeState:
         state = programs.empty_state(self.cfg, self.slots, self.max_len, n_draft=self.n_draft,
-                                           cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
+                                     cache_dtype=self.cache_dtype, hidden_dtype=jnp.dtype(self.cfg.dtype))
         return programs.place(state, self.mesh)
 
     def _empty_pool(self) -> None:
@@ -220,7 +220,7 @@ class DecodeBatch:
         (the row's state, its first token). The last chunk ends at the prompt's end or at T."""
         e, C, T = self.engine, self.chunk, self.max_len
         state = programs.chunk_state(self.cfg, [prompt], [row.seq_id], T, n_draft=self.n_draft,
-                                           cache_dtype=self.cache_dtype, mesh=e.prefill_mesh)
+                                     cache_dtype=self.cache_dtype, mesh=e.prefill_mesh)
         starts = [min(s, T - C) for s in range(0, len(prompt), C)]
         for i, start in enumerate(starts):
             with programs.on_mesh(e.prefill_mesh):

@@ -53,12 +53,11 @@ class Metrics:
         self.compiled_programs = prom.Gauge("dsv3_compiled_programs", "programs compiled (constant after "
                                             "start-up)", registry=r)
 
-    def observe_dispatch(self, steps: int, drafted, accepted, n_draft: int) -> None:
-        """One decode dispatch: drafted and accepted are [steps, slots] arrays (`ChunkOutput`)."""
+    def observe_dispatch(self, steps: int, drafted: int, accepted: int, n_draft: int) -> None:
+        """One decode dispatch: its MTP drafts verified and accepted (`ChunkOutput.drafts`)."""
         self.dispatches.inc()
         self.steps.inc(steps)
         if n_draft and steps:
-            drafted, accepted = int(drafted.sum()), int(accepted[drafted > 0].sum())
             self.drafted.inc(drafted)
             self.accepted.inc(accepted)
             self._totals[0] += drafted

@@ -309,7 +309,7 @@ class Scheduler:
         now = time.perf_counter()
         steps = int(out.steps)
         if self.metrics is not None:
-            self.metrics.observe_dispatch(steps, out.drafted[:steps], out.accepted[:steps], self.batch.n_draft)
+            self.metrics.observe_dispatch(steps, *out.drafts(), self.batch.n_draft)
         for slot, req in list(self._running.items()):
             new = out.emitted(slot)
             self._deliver(req, slot, new, now, still_active=bool(out.active[slot]))
