@@ -47,9 +47,9 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
                         scale: float) -> jax.Array:
     """The plain jnp attention, scores [B,H,S,T] and all; shapes as `attention`."""
     if k.shape[2] == 1 and q.shape[2] > 1:  # one key/value head for all heads (absorbed MLA): no broadcast
-        # Scores as [B,S,H,T]: the heads and queries are then one matrix per row, and on XLA:CPU both
-        # products run 1.3-2.6x faster than through [B,H,S,T] at decode and prefill sizes
-        # (attention alone, B 1-8, S 1-512, T 256-2048), never slower.
+        # Scores as [B,S,H,T]: the heads and queries are then one matrix per row, and on XLA:CPU
+        # attention runs 1.4-2.8x faster than through [B,H,S,T] at batch 8 and at prefill sizes
+        # (S 64-512), about as fast at batch 1 (docs/BENCHMARKS.md, Decode).
         scores = jnp.einsum("bshk,btk->bsht", q, k[:, :, 0], preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], scores, NEG_INF), axis=-1)
         return jnp.einsum("bsht,btd->bshd", probs, v[:, :, 0].astype(jnp.float32)).astype(q.dtype)
